@@ -1,0 +1,41 @@
+"""comfy_orchestrator: async ComfyUI client, backend pool, quality-gated pipelines and a service."""
+
+from comfy_orchestrator.errors import (
+    BackendError,
+    BackendUnavailable,
+    ClientClosed,
+    ComfyOrchestratorError,
+    ComfyTimeout,
+    ConnectTimeout,
+    DeadlineExceeded,
+    ExecutionFailed,
+    GraphError,
+    GraphValidationError,
+    JobCancelled,
+    PromptLost,
+    ProtocolError,
+    RequestTimeout,
+    StalledTimeout,
+    TemplateError,
+    WorkflowFormatError,
+)
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "ClientClosed",
+    "ComfyOrchestratorError",
+    "ComfyTimeout",
+    "ConnectTimeout",
+    "DeadlineExceeded",
+    "ExecutionFailed",
+    "GraphError",
+    "GraphValidationError",
+    "JobCancelled",
+    "PromptLost",
+    "ProtocolError",
+    "RequestTimeout",
+    "StalledTimeout",
+    "TemplateError",
+    "WorkflowFormatError",
+]

@@ -1,0 +1,3 @@
+from comfy_orchestrator.cli import main
+
+main()

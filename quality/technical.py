@@ -1,0 +1,130 @@
+"""Technical checks that need no model: is there a picture here at all?
+
+A generation can fail without any error: a VAE that overflowed in fp16 decodes to NaN (shown as a
+black frame), a sampler with zero denoise returns flat noise-free colour, an upscaler returns a
+thumbnail. These checks catch that before CLIP is asked anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, UnidentifiedImageError
+
+from quality.types import ImageInput
+
+__all__ = ["TechnicalCheck", "TechnicalLimits", "TechnicalReport", "check_image", "decode_image"]
+
+
+class TechnicalCheck(enum.StrEnum):
+    UNDECODABLE = "undecodable"  # bytes that are no image Pillow can read
+    NON_FINITE = "non_finite"  # NaN or infinity in a float image (a VAE that overflowed)
+    TOO_SMALL = "too_small"  # a side shorter than the limit
+    UNIFORM = "uniform"  # blank: (almost) one colour everywhere
+    NEAR_BLACK = "near_black"  # mean brightness at the bottom of the range
+    NEAR_WHITE = "near_white"  # mean brightness at the top of the range
+
+
+@dataclass(frozen=True, slots=True)
+class TechnicalLimits:
+    """Where a picture stops being one. Brightness and spread are on the 0..255 scale."""
+
+    min_side: int = 64
+    #: Standard deviation of luminance below which an image counts as uniform (blank).
+    min_std: float = 2.0
+    #: Mean luminance at or below which an image is near-black; at or above which, near-white.
+    dark_mean: float = 6.0
+    bright_mean: float = 249.0
+    #: Share of non-finite pixels tolerated in a float image (0: any NaN fails).
+    max_non_finite: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TechnicalReport:
+    """What the checks found; ``ok`` when nothing failed. ``mean``/``std`` are of luminance, 0..255."""
+
+    failures: tuple[TechnicalCheck, ...]
+    width: int
+    height: int
+    mean: float
+    std: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "failures": [str(f) for f in self.failures], "width": self.width,
+                "height": self.height, "mean": round(self.mean, 3), "std": round(self.std, 3)}
+
+
+def decode_image(image: ImageInput) -> tuple[Image.Image | None, npt.NDArray[np.float32] | None]:
+    """(an RGB PIL image or None when undecodable, the float array it came from when it was one)."""
+    if isinstance(image, Image.Image):
+        if image.mode == "F":
+            return None, np.asarray(image, dtype=np.float32)[..., None].repeat(3, axis=2) / 255.0
+        return (image if image.mode == "RGB" else image.convert("RGB")), None
+    if isinstance(image, bytes | bytearray | memoryview):
+        try:
+            with Image.open(io.BytesIO(image)) as opened:
+                opened.load()
+                return opened.convert("RGB"), None
+        except (UnidentifiedImageError, OSError, ValueError):
+            return None, None
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None].repeat(3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"an image array must be H×W×C with 1, 3 or 4 channels, not {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = arr.repeat(3, axis=2)
+    arr = arr[..., :3]
+    if np.issubdtype(arr.dtype, np.floating):
+        return None, arr.astype(np.float32)
+    return Image.fromarray(arr.astype(np.uint8), "RGB"), None
+
+
+def _float_to_pil(arr: npt.NDArray[np.float32]) -> Image.Image:
+    clean = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
+    return Image.fromarray((np.clip(clean, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+def check_image(
+    image: ImageInput, limits: TechnicalLimits | None = None
+) -> tuple[TechnicalReport, Image.Image | None]:
+    """Run every check on ``image``; return the report and the decoded RGB image (None if undecodable).
+
+    Float arrays are read as 0..1 (a VAE decode); their NaNs fail ``non_finite`` and are drawn black.
+    """
+    limits = limits or TechnicalLimits()
+    pil, float_arr = decode_image(image)
+    failures: list[TechnicalCheck] = []
+    if float_arr is not None:
+        finite = np.isfinite(float_arr)
+        if 1.0 - float(finite.mean()) > limits.max_non_finite:
+            failures.append(TechnicalCheck.NON_FINITE)
+        pil = _float_to_pil(float_arr)
+    if pil is None:
+        return TechnicalReport((TechnicalCheck.UNDECODABLE,), 0, 0, 0.0, 0.0), None
+    width, height = pil.size
+    if min(width, height) < limits.min_side:
+        failures.append(TechnicalCheck.TOO_SMALL)
+    # Statistics on a bounded thumbnail: exact enough, and O(1) in the image's size.
+    thumb = pil if max(pil.size) <= 256 else pil.resize((256, max(1, round(256 * height / width)))
+                                                         if width >= height else
+                                                         (max(1, round(256 * width / height)), 256),
+                                                         Image.Resampling.BOX)
+    lum = np.asarray(thumb.convert("L"), dtype=np.float32)
+    mean, std = float(lum.mean()), float(lum.std())
+    rgb_std = float(np.asarray(thumb, dtype=np.float32).reshape(-1, 3).std(axis=0).max())
+    if max(std, rgb_std) < limits.min_std:
+        failures.append(TechnicalCheck.UNIFORM)
+    if mean <= limits.dark_mean:
+        failures.append(TechnicalCheck.NEAR_BLACK)
+    elif mean >= limits.bright_mean:
+        failures.append(TechnicalCheck.NEAR_WHITE)
+    return TechnicalReport(tuple(failures), width, height, mean, std), pil

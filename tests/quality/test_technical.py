@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from quality.technical import TechnicalCheck, TechnicalLimits, check_image
+
+from .conftest import png, shape, text_image
+
+
+def failures(image: object, limits: TechnicalLimits | None = None) -> set[TechnicalCheck]:
+    report, _ = check_image(image, limits)  # type: ignore[arg-type]
+    return set(report.failures)
+
+
+def test_drawings_pass() -> None:
+    assert failures(shape("red", "circle")) == set()
+    assert failures(png(shape("yellow", "star", size=128))) == set()
+    assert failures(text_image()) == set()
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (Image.new("RGB", (512, 512), (120, 80, 200)), {TechnicalCheck.UNIFORM}),
+        (Image.new("RGB", (512, 512), (0, 0, 0)), {TechnicalCheck.UNIFORM, TechnicalCheck.NEAR_BLACK}),
+        (Image.new("RGB", (512, 512), (255, 255, 255)), {TechnicalCheck.UNIFORM, TechnicalCheck.NEAR_WHITE}),
+        (Image.new("L", (512, 512), 128), {TechnicalCheck.UNIFORM}),
+    ],
+)
+def test_blank_black_white(image: Image.Image, expected: set[TechnicalCheck]) -> None:
+    assert failures(image) == expected
+
+
+def test_near_black_with_noise_is_still_near_black() -> None:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 8, size=(256, 256, 3), dtype=np.uint8)
+    assert failures(arr) == {TechnicalCheck.NEAR_BLACK}
+
+
+def test_too_small() -> None:
+    assert failures(shape("blue", "square", size=48)) == {TechnicalCheck.TOO_SMALL}
+    assert failures(shape("blue", "square", size=48), TechnicalLimits(min_side=32)) == set()
+
+
+def test_nan_in_a_float_image() -> None:
+    arr = np.asarray(shape("green", "triangle"), dtype=np.float32) / 255.0
+    assert failures(arr) == set()
+    arr[100:140, 100:140] = np.nan
+    assert TechnicalCheck.NON_FINITE in failures(arr)
+    all_nan = np.full((256, 256, 3), np.nan, dtype=np.float32)
+    assert failures(all_nan) >= {TechnicalCheck.NON_FINITE, TechnicalCheck.NEAR_BLACK}
+
+
+def test_undecodable_bytes() -> None:
+    report, image = check_image(b"definitely not a png")
+    assert image is None
+    assert report.failures == (TechnicalCheck.UNDECODABLE,)
+    assert not report.ok
+    assert report.to_dict()["failures"] == ["undecodable"]
+
+
+def test_rgba_and_palette_images_are_read() -> None:
+    rgba = shape("orange", "star").convert("RGBA")
+    assert failures(rgba) == set()
+    assert failures(png(shape("purple", "circle").convert("P"))) == set()
