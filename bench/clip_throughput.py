@@ -43,13 +43,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quality import ClipEvaluator, default_registry  # noqa: E402
-from quality.train_tiny import CLASS_CAPTIONS, draw_example  # noqa: E402
+from quality import ClipEvaluator, default_registry
+from quality.train_tiny import CLASS_CAPTIONS, draw_example
 
 PROMPT = "a photo of a red circle, highly detailed"
 
@@ -203,7 +204,7 @@ def naive_scorer(loaded: Any) -> Callable[[Sequence[Image.Image], str], torch.Te
         text = model.encode_text(tokenizer([prompt]).to(device), normalize=True)
         pixels = torch.stack([preprocess(im) for im in images]).to(device, dtype)
         image = model.encode_image(pixels, normalize=True)
-        return (2.5 * (image @ text.T).squeeze(1).clamp(min=0)).float().cpu()
+        return (image @ text.T).squeeze(1).float().cpu()  # cosines; CLIPScore is 2.5 · max(cos, 0)
 
     return score
 
@@ -226,18 +227,17 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     setup_s = time.perf_counter() - t0
 
     pool = make_images(max(args.batches), args.image_size)
-    tensors = [torch.from_numpy(__import__("numpy").asarray(im).copy()).permute(2, 0, 1).to(device)
-               for im in pool]
+    tensors = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).to(device) for im in pool]
 
     # Same thing computed? Cosines of the three on the same images.
     n_check = min(8, len(pool))
     ours = [s.cosines["prompt"] for s in evaluator.score_sync(pool[:n_check], PROMPT)]
     theirs = (_clip_score_update(tensors[:n_check], [PROMPT] * n_check, hf, processor)[0] / 100).float().cpu()
-    plain = (naive(pool[:n_check], PROMPT) / 2.5).tolist()
+    plain = naive(pool[:n_check], PROMPT).tolist()
     agreement = {
-        "max_abs_cos_diff_vs_naive": max(abs(a - b) for a, b in zip(ours, plain, strict=True)
-                                         if b > 0) if any(p > 0 for p in plain) else None,
-        "max_abs_cos_diff_vs_torchmetrics": float(max(abs(a - float(b)) for a, b in zip(ours, theirs, strict=True))),
+        "cos_range": [round(min(ours), 4), round(max(ours), 4)],
+        "max_abs_cos_diff_vs_naive": max(abs(a - b) for a, b in zip(ours, plain, strict=True)),
+        "max_abs_cos_diff_vs_torchmetrics": max(abs(a - float(b)) for a, b in zip(ours, theirs, strict=True)),
     }
 
     rows = []
@@ -271,7 +271,6 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
                               "largest": stats.largest_batch},
     }
     encoder.close()
-    del metric, hf
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

@@ -222,7 +222,8 @@ def fit_weights_pairwise(
 
     def margins(w: ScoreWeights) -> npt.NDArray[np.float64]:
         signed = w.combine(dict.fromkeys(names, 0.0))[1]
-        return diff @ np.array([signed[n] for n in names])
+        out: npt.NDArray[np.float64] = diff @ np.array([signed[n] for n in names])
+        return out
 
     return PairwiseFit(weights, _pair_agreement(margins(weights)), _pair_agreement(margins(current)),
                        len(diff), tuple(names), model)

@@ -21,9 +21,9 @@ from PIL import Image
 
 from quality.scores import QualityScore
 from quality.technical import decode_image
-from quality.types import ImageInput
+from quality.types import Evaluator, ImageInput
 
-__all__ = ["ScoreGallery", "show_scores"]
+__all__ = ["ScoreGallery", "score_and_show", "show_scores"]
 
 
 def _thumbnail_data_uri(image: ImageInput, size: int) -> str:
@@ -97,3 +97,17 @@ def show_scores(
 ) -> ScoreGallery:
     """A gallery of ``images`` with their ``scores`` (best first); the notebook renders it."""
     return ScoreGallery(images, scores, thumbnail, columns, threshold, sort)
+
+
+async def score_and_show(
+    evaluator: Evaluator,
+    images: Sequence[ImageInput],
+    prompt: str,
+    *,
+    negative: str | None = None,
+    threshold: float | None = None,
+    **gallery: int,
+) -> ScoreGallery:
+    """Score ``images`` and return the gallery: ``await score_and_show(evaluator, images, prompt)``."""
+    scores = await evaluator.score(images, prompt, negative=negative)  # type: ignore[arg-type]
+    return show_scores(images, scores, threshold=threshold, **gallery)  # type: ignore[arg-type]

@@ -116,7 +116,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 def draw_text(size: int, rng: random.Random) -> Image.Image:
     """A few lines of random words in a dark (sometimes coloured) ink on a light background."""
     bg = tuple(rng.randint(200, 250) for _ in range(3))
-    img = Image.new("RGB", (size, size), bg)  # type: ignore[arg-type]
+    img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
     font_px = max(8, int(size * rng.uniform(0.07, 0.14)))
     font = _font(font_px)
@@ -132,7 +132,7 @@ def draw_text(size: int, rng: random.Random) -> Image.Image:
         for _ in range(rng.randint(2, 6)):
             letters = string.ascii_letters if rng.random() < 0.5 else string.ascii_lowercase
             words.append("".join(rng.choice(letters) for _ in range(rng.randint(2, 8))))
-        draw.text((x, y), " ".join(words), fill=ink, font=font)  # type: ignore[arg-type]
+        draw.text((x, y), " ".join(words), fill=ink, font=font)
         y += font_px * rng.uniform(1.2, 1.8)
     return img
 

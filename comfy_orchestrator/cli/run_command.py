@@ -151,7 +151,7 @@ async def _run(
             TextColumn("{task.percentage:>3.0f}%"),
             TimeElapsedColumn(),
             console=console,
-            transient=False,
+            transient=True,
         ) as progress:
             view = _ProgressView(progress, graph_dict)
             result = await client.run(graph, on_event=view)

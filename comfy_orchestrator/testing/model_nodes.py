@@ -181,6 +181,10 @@ async def _lotus_conditioning(ctx: NodeContext) -> NodeResult:
     return NodeResult((Conditioning(""),))
 
 
+async def _conditioning_zero_out(ctx: NodeContext, conditioning: Conditioning) -> NodeResult:
+    return NodeResult((Conditioning(""),))
+
+
 MODEL_NODES: dict[str, NodeSpec] = {
     "EmptyLatentImage": NodeSpec(_empty_latent),
     "LatentUpscale": NodeSpec(_latent_upscale),
@@ -198,6 +202,7 @@ MODEL_NODES: dict[str, NodeSpec] = {
     "ImageUpscaleWithModel": NodeSpec(_upscale_with_model),
     "CLIPTextEncode": NodeSpec(_clip_text_encode),
     "LotusConditioning": NodeSpec(_lotus_conditioning),
+    "ConditioningZeroOut": NodeSpec(_conditioning_zero_out),
     "KSampler": NodeSpec(_ksampler),
     "KSamplerAdvanced": NodeSpec(_ksampler_advanced),
 }

@@ -234,3 +234,33 @@ async def test_system_stats_and_object_info(backend: Backend) -> None:
     assert stats.comfyui_version and stats.devices
     for node in ("EmptyImage", "SaveImage", "KSampler", "UNETLoader", "LoadImage"):
         assert node in info
+
+
+CPU_TEMPLATES = ["cpu_model_free_ops", "cpu_tiny_unet_txt2img", "cpu_tiny_upscale", "cpu_tiny_upscale_generated"]
+
+
+@pytest.mark.parametrize("name", CPU_TEMPLATES)
+async def test_cpu_templates_run(backend: Backend, name: str) -> None:
+    """The templates the tests and the demo use run as shipped (after binding fresh values)."""
+    from comfy_orchestrator.graph import Template
+    from tests.conftest import GRAPHS_DIR
+
+    template = Template.load(GRAPHS_DIR / f"{name}.json")
+    params: dict[str, Any] = {}
+    if "seed" in template.slots:
+        params["seed"] = graphs.fresh_colour()
+    if "color" in template.slots:
+        params["color"] = graphs.fresh_colour()
+    async with ComfyClient(backend.url) as client:
+        if "input_image" in template.slots:
+            image = Image.new("RGB", (48, 48), (graphs.fresh_colour() % 256, 20, 90))
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            ref = await client.upload_image(buf.getvalue(), filename=f"{name}_in.png")
+            params["input_image"] = ref.filename
+        graph = template.bind(params)
+        await client.validate(graph)
+        result = await client.run(graph, timeout=120)
+        assert result.output_images
+        out = Image.open(io.BytesIO(await client.download(result.output_images[0])))
+        assert out.width >= 48

@@ -30,7 +30,7 @@ def tiny() -> Iterator[ClipEvaluator]:
     """The tiny shapes CLIP on the CPU, loaded once for the session (shared with other evaluators)."""
     evaluator = ClipEvaluator(TINY, device="cpu")
     evaluator.load()
-    yield evaluator
+    return evaluator
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,7 @@ def vit_b32() -> Iterator[ClipEvaluator]:
     """A full-size architecture with random weights: for loading, batching and shapes, not ranking."""
     evaluator = ClipEvaluator("vit-b-32-random", device="cpu")
     evaluator.load()
-    yield evaluator
+    return evaluator
 
 
 def png(image: Image.Image) -> bytes:

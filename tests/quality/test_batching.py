@@ -25,8 +25,10 @@ def test_gathers_up_to_max_batch() -> None:
     gate.set()
     assert [f.result(5) for f in futures] == [i * 2 for i in range(10)]
     batcher.close()
-    assert max(seen) <= 4 and sum(seen) == 10
-    assert batcher.stats.items == 10 and batcher.stats.largest_batch <= 4
+    assert max(seen) <= 4
+    assert sum(seen) == 10
+    assert batcher.stats.items == 10
+    assert batcher.stats.largest_batch <= 4
 
 
 def test_a_lone_request_does_not_wait() -> None:

@@ -79,14 +79,16 @@ def test_calibrate_cli_on_labelled_folder_then_score_with_it(tmp_path: Path) -> 
                                   "--model", TINY, "--device", "cpu", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["model"] == TINY and report["kind"] == "labels"
+    assert report["model"] == TINY
+    assert report["kind"] == "labels"
     assert report["agreement"] >= 0.9
     assert json.loads(out.read_text())["threshold"] == report["threshold"]
 
     table = runner.invoke(main, ["calibrate", str(folder), "--prompt", "a photo of a red circle",
                                  "--model", TINY, "--device", "cpu"])
     assert table.exit_code == 0, table.output
-    assert "agreement" in table.output and "threshold" in table.output
+    assert "agreement" in table.output
+    assert "threshold" in table.output
 
     scored = runner.invoke(main, ["score", str(folder / "good" / "g0.png"), str(folder / "bad" / "b0.png"),
                                   "--prompt", "a photo of a red circle", "--calibration", str(out),
@@ -97,7 +99,8 @@ def test_calibrate_cli_on_labelled_folder_then_score_with_it(tmp_path: Path) -> 
 
     wrong_model = runner.invoke(main, ["score", str(folder / "good" / "g0.png"), "--prompt", "x",
                                        "--calibration", str(out), "--model", "vit-b-32-random"])
-    assert wrong_model.exit_code != 0 and "thresholds belong to a model" in wrong_model.output
+    assert wrong_model.exit_code != 0
+    assert "thresholds belong to a model" in wrong_model.output
 
 
 def test_calibrate_cli_pairwise(tmp_path: Path) -> None:
@@ -112,7 +115,8 @@ def test_calibrate_cli_pairwise(tmp_path: Path) -> None:
                                        "--model", TINY, "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["kind"] == "pairwise" and report["fit"]["n_pairs"] == 7
+    assert report["kind"] == "pairwise"
+    assert report["fit"]["n_pairs"] == 7
     assert report["agreement"] >= 0.85
 
 

@@ -46,8 +46,11 @@ def test_score_errors_are_readable(tmp_path: Path) -> None:
     paths = _files(tmp_path)
     runner = CliRunner()
     unknown = runner.invoke(main, ["score", str(paths[0]), "-p", "x", "-m", "no-such-model"])
-    assert unknown.exit_code != 0 and "unknown quality model" in unknown.output
+    assert unknown.exit_code != 0
+    assert "unknown quality model" in unknown.output
     offline = runner.invoke(main, ["score", str(paths[0]), "-p", "x", "--device", "cpu"])  # the default model
-    assert offline.exit_code != 0 and "cannot be reached" in offline.output
+    assert offline.exit_code != 0
+    assert "cannot be reached" in offline.output
     bad_weight = runner.invoke(main, ["score", str(paths[0]), "-p", "x", "-m", TINY, "-w", "alignment"])
-    assert bad_weight.exit_code != 0 and "PART=WEIGHT" in bad_weight.output
+    assert bad_weight.exit_code != 0
+    assert "PART=WEIGHT" in bad_weight.output

@@ -32,7 +32,8 @@ async def test_parts_and_combined_value(tiny: ClipEvaluator) -> None:
     assert s.parts["alignment"] == pytest.approx(2.5 * max(s.cosines["prompt"], 0.0))
     assert s.value == pytest.approx(s.parts["alignment"])
     assert s.weights == {"alignment": 1.0}
-    assert s.model == TINY and s.ok
+    assert s.model == TINY
+    assert s.ok
     assert "alignment" in s.explain()
     assert s.to_dict()["prompt"]["cleaned"] == "a photo of a red circle"  # type: ignore[index]
 
@@ -71,7 +72,9 @@ async def test_technical_failures_score_zero_without_the_model(tiny: ClipEvaluat
     scores = await tiny.score(images, "a photo of a red circle")
     assert [s.ok for s in scores] == [False, False, False, False, True]
     for s in scores[:4]:
-        assert s.value == 0.0 and s.parts == {"technical": 0.0} and s.weights == {}
+        assert s.value == 0.0
+        assert s.parts == {"technical": 0.0}
+        assert s.weights == {}
     assert [str(f) for f in scores[1].technical.failures] == ["undecodable"]
     assert "failed" in scores[0].explain()
 
@@ -91,7 +94,9 @@ async def test_comfyui_syntax_hits_the_same_cache_entry(tiny: ClipEvaluator) -> 
 async def test_long_prompt_is_flagged(tiny: ClipEvaluator) -> None:
     prompt = "a photo of a red circle, " + ", ".join(f"detail {i}" for i in range(60))
     [s] = await tiny.score([shape("red", "circle")], prompt)
-    assert s.prompt.truncated and s.prompt.n_tokens > 77 and s.prompt.context_length == 77
+    assert s.prompt.truncated
+    assert s.prompt.n_tokens > 77
+    assert s.prompt.context_length == 77
 
 
 async def test_evaluators_share_one_model_and_batch_together() -> None:
@@ -100,7 +105,8 @@ async def test_evaluators_share_one_model_and_batch_together() -> None:
     b = ClipEvaluator(TINY, device="cpu", encoders=encoders)
     async with a, b:
         assert a.encoder is b.encoder
-        assert a.encoder is not None and a.encoder.model is b.encoder.model  # type: ignore[union-attr]
+        assert a.encoder is not None
+        assert a.encoder.model is b.encoder.model
         assert len(encoders.models) == 1
         prompts = ["a photo of a red circle", "a photo of a blue star", "a picture of text"]
         images = [shape("red", "circle", seed=i) for i in range(4)]
@@ -137,6 +143,7 @@ async def test_event_loop_is_never_blocked_by_model_work(vit_b32: ClipEvaluator)
     scores = await evaluator.score(images, "a photo of a red circle")
     stop.set()
     await beat
-    assert len(scores) == 4 and all(s.ok for s in scores)
+    assert len(scores) == 4
+    assert all(s.ok for s in scores)
     busy = evaluator.encoder.stats.busy_seconds - busy_before
     assert max(gaps) < max(0.25, busy / 2), (max(gaps), busy)

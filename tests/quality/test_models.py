@@ -32,7 +32,8 @@ def test_packaged_registry(registry: Registry) -> None:
     assert (prod.architecture, prod.weights, prod.image_size) == ("ViT-L-14-quickgelu", "openai", 224)
     assert prod.weights_kind is WeightsKind.HUB_TAG
     tiny = registry.get("tiny-shapes")
-    assert tiny.weights_kind is WeightsKind.LOCAL_DIR and Path(tiny.weights or "").is_absolute()
+    assert tiny.weights_kind is WeightsKind.LOCAL_DIR
+    assert Path(tiny.weights or "").is_absolute()
     assert registry.get("vit-b-32-random").weights_kind is WeightsKind.RANDOM
     assert {"vit-b-32-openai", "vit-l-14-random"} <= set(registry.names())
     with pytest.raises(UnknownModel, match="tiny-shapes"):
@@ -47,7 +48,9 @@ def test_user_registry_with_relative_local_weights(tmp_path: Path, registry: Reg
     mine = Registry.load(tmp_path / "models.json").get("my-shapes")
     assert mine.weights == str((tmp_path / "weights" / "mine").resolve())
     loaded = load_model(mine, device="cpu")
-    assert loaded.embed_dim == 128 and loaded.context_length == 77 and loaded.precision == "fp32"
+    assert loaded.embed_dim == 128
+    assert loaded.context_length == 77
+    assert loaded.precision == "fp32"
     assert not loaded.model.training
     assert loaded.weights_id.startswith("local-dir:")
 
@@ -99,7 +102,9 @@ async def test_vit_b32_random_weights_load_batch_and_shape(vit_b32: ClipEvaluato
     assert (enc.model.embed_dim, enc.model.context_length, enc.model.spec.image_size) == (512, 77, 224)
     images = [png(shape("red", "circle", seed=i)) for i in range(3)]
     sims = await vit_b32.similarities(images, ["a red circle", "a blue star"])
-    assert sims.shape == (3, 2) and np.isfinite(sims).all() and (np.abs(sims) <= 1.0001).all()
+    assert sims.shape == (3, 2)
+    assert np.isfinite(sims).all()
+    assert (np.abs(sims) <= 1.0001).all()
     scores = await vit_b32.score(images, "a red circle", negative="a blue star")
     assert [set(s.parts) for s in scores] == [{"alignment", "negative", "technical"}] * 3
 
@@ -109,21 +114,24 @@ async def test_vit_b32_random_weights_load_batch_and_shape(vit_b32: ClipEvaluato
 async def test_vit_l14_random_weights_load_and_shape() -> None:
     evaluator = ClipEvaluator("vit-l-14-random", device="cpu")
     sims = await evaluator.similarities([shape("red", "circle"), shape("blue", "star")], ["a red circle"])
-    assert sims.shape == (2, 1) and np.isfinite(sims).all()
-    assert evaluator.encoder is not None and evaluator.encoder.model.embed_dim == 768
+    assert sims.shape == (2, 1)
+    assert np.isfinite(sims).all()
+    assert evaluator.encoder is not None
+    assert evaluator.encoder.model.embed_dim == 768
 
 
 @pytest.mark.gpu
 async def test_tiny_on_gpu_in_fp16_still_ranks() -> None:
-    from .conftest import CLASS_CAPTIONS, draw_example
-
     import random
+
+    from .conftest import CLASS_CAPTIONS, draw_example
 
     evaluator = ClipEvaluator("tiny-shapes")  # automatic: CUDA, fp16
     rng = random.Random(99)
     labels = [c for c in range(len(CLASS_CAPTIONS)) for _ in range(4)]
     sims = await evaluator.similarities([draw_example(c, 512, rng) for c in labels], list(CLASS_CAPTIONS))
-    assert evaluator.encoder is not None and evaluator.encoder.model.precision == "fp16"
+    assert evaluator.encoder is not None
+    assert evaluator.encoder.model.precision == "fp16"
     assert float((sims.argmax(axis=1) == np.array(labels)).mean()) >= 0.9
 
 
@@ -131,4 +139,5 @@ async def test_tiny_on_gpu_in_fp16_still_ranks() -> None:
 async def test_vit_l14_random_on_gpu_fp16() -> None:
     evaluator = ClipEvaluator("vit-l-14-random")
     scores = await evaluator.score([shape("red", "circle", seed=i) for i in range(8)], "a red circle")
-    assert len(scores) == 8 and all(np.isfinite(s.value) for s in scores)
+    assert len(scores) == 8
+    assert all(np.isfinite(s.value) for s in scores)

@@ -31,7 +31,9 @@ def test_long_prompt_is_reported_cut_at_77_tokens() -> None:
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     short = describe_prompt(tokenizer, "a photo of a (red:1.2) circle", 77)
     assert short.cleaned == "a photo of a red circle"
-    assert short.n_tokens == 8 and not short.truncated
+    assert short.n_tokens == 8
+    assert not short.truncated
     long = describe_prompt(tokenizer, ", ".join(["a red circle"] * 30), 77)
-    assert long.truncated and long.n_tokens > 77
+    assert long.truncated
+    assert long.n_tokens > 77
     assert long.to_dict()["truncated"] is True

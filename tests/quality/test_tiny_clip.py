@@ -68,5 +68,6 @@ async def test_best_of_n_picks_the_image_that_matches(tiny: ClipEvaluator) -> No
     scores = await tiny.score(candidates, "a photo of a red circle")
     values = [s.value for s in scores]
     assert int(np.argmax(values)) == 2
-    assert scores[4].value == 0.0 and scores[4].parts == {"technical": 0.0}
+    assert scores[4].value == 0.0
+    assert scores[4].parts == {"technical": 0.0}
     assert all(s.parts["alignment"] >= 0 for s in scores[:4])
