@@ -58,7 +58,8 @@ async def test_run_writes_images_and_manifests(server: FakeComfyUI, tmp_path: Pa
     assert manifest["sha256"] == hashlib.sha256(image_path.read_bytes()).hexdigest()
     assert manifest["prompt_id"] and manifest["graph_hash"] and manifest["timings"]["total_s"] > 0
     assert set(manifest["graph"]) and manifest["source"]["type"] == "output"
-    image = Image.open(image_path).convert("RGB")
+    with Image.open(image_path) as opened:
+        image = opened.convert("RGB")
     assert image.width == 32 * 2  # scale_by 2 in the template
     assert image.getpixel((3, 3)) == (0, 255, 255)  # red, inverted
 
@@ -107,5 +108,6 @@ async def test_run_tiny_unet_on_real_comfyui(live_comfy, tmp_path: Path) -> None
     )
     assert code == 0, err
     (image_path,) = [Path(line) for line in out.splitlines() if line.endswith(".png")]
-    assert Image.open(image_path).size == (64, 64)
+    with Image.open(image_path) as image:
+        assert image.size == (64, 64)
     assert json.loads(image_path.with_suffix(".json").read_text())["parameters"] == {"seed": 5, "steps": 2}
