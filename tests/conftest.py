@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 # No test may download weights; without this a missing hub weight retries for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,3 +18,13 @@ pytest_plugins = ["tests.live_fixtures"]
 REPO = Path(__file__).resolve().parent.parent
 PROTOCOL_DIR = Path(os.environ.get("COMFY_PROTOCOL_DIR", REPO.parent / "shared" / "comfyui-protocol"))
 GRAPHS_DIR = REPO / "graphs"
+
+
+@pytest.fixture(scope="session")
+def object_info() -> dict[str, Any]:
+    """The full /object_info recorded from a real ComfyUI 0.3.64 (CPU, no model files)."""
+    path = PROTOCOL_DIR / "object_info.json"
+    if not path.is_file():  # pragma: no cover - depends on the checkout
+        pytest.skip(f"no recorded /object_info at {path}")
+    info: dict[str, Any] = json.loads(path.read_text())
+    return info

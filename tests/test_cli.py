@@ -56,8 +56,11 @@ async def test_run_writes_images_and_manifests(server: FakeComfyUI, tmp_path: Pa
     assert manifest["template"] == "cpu_model_free_ops"
     assert manifest["parameters"] == {"color": 16711680, "width": 32, "Blur Image.blur_radius": 1}
     assert manifest["sha256"] == hashlib.sha256(image_path.read_bytes()).hexdigest()
-    assert manifest["prompt_id"] and manifest["graph_hash"] and manifest["timings"]["total_s"] > 0
-    assert set(manifest["graph"]) and manifest["source"]["type"] == "output"
+    assert manifest["prompt_id"]
+    assert manifest["graph_hash"]
+    assert manifest["timings"]["total_s"] > 0
+    assert set(manifest["graph"])
+    assert manifest["source"]["type"] == "output"
     with Image.open(image_path) as opened:
         image = opened.convert("RGB")
     assert image.width == 32 * 2  # scale_by 2 in the template
@@ -68,21 +71,28 @@ async def test_rejected_graph_names_the_node_and_input(server: FakeComfyUI, tmp_
     code, _, err = await comfy_orch("run", MODEL_FREE, "--backend", server.url, "--set", "width=0",
                                     "--out", str(tmp_path))
     assert code == 2
-    assert "graph rejected" in err and "EmptyImage" in err and "'width'" in err
+    assert "graph rejected" in err
+    assert "EmptyImage" in err
+    assert "'width'" in err
     assert "Traceback" not in err
 
 
 async def test_unknown_slot_lists_the_valid_ones(server: FakeComfyUI, tmp_path: Path) -> None:
     code, _, err = await comfy_orch("run", MODEL_FREE, "--backend", server.url, "--set", "colour=3",
                                     "--out", str(tmp_path))
-    assert code == 2 and "colour" in err and "color" in err and "Traceback" not in err
+    assert code == 2
+    assert "colour" in err
+    assert "color" in err
+    assert "Traceback" not in err
 
 
 async def test_execution_error_is_one_line(server: FakeComfyUI, tmp_path: Path) -> None:
     server.faults.execution_error = NodeFailure.cpu_oom(node_class="ImageInvert")
     code, _, err = await comfy_orch("run", MODEL_FREE, "--backend", server.url, "--out", str(tmp_path))
     assert code == 4
-    assert "execution failed" in err and "ImageInvert" in err and "Traceback" not in err
+    assert "execution failed" in err
+    assert "ImageInvert" in err
+    assert "Traceback" not in err
 
 
 async def test_missing_server_is_a_clear_error(tmp_path: Path) -> None:
@@ -92,12 +102,15 @@ async def test_missing_server_is_a_clear_error(tmp_path: Path) -> None:
     code, _, err = await comfy_orch("run", MODEL_FREE, "--backend", f"http://127.0.0.1:{port}",
                                     "--out", str(tmp_path))
     assert code == 3
-    assert "backend unavailable" in err and str(port) in err and "Traceback" not in err
+    assert "backend unavailable" in err
+    assert str(port) in err
+    assert "Traceback" not in err
 
 
 async def test_backend_or_local_is_required(tmp_path: Path) -> None:
     code, _, err = await comfy_orch("run", MODEL_FREE, "--out", str(tmp_path))
-    assert code == 2 and "--backend" in err
+    assert code == 2
+    assert "--backend" in err
 
 
 @pytest.mark.comfy_live
@@ -111,3 +124,18 @@ async def test_run_tiny_unet_on_real_comfyui(live_comfy, tmp_path: Path) -> None
     with Image.open(image_path) as image:
         assert image.size == (64, 64)
     assert json.loads(image_path.with_suffix(".json").read_text())["parameters"] == {"seed": 5, "steps": 2}
+
+
+async def test_ui_format_workflow_is_converted_with_the_servers_object_info(
+    server: FakeComfyUI, tmp_path: Path
+) -> None:
+    from tests.test_workflow_ui import model_free_ui_workflow
+
+    workflow = tmp_path / "exported_from_the_editor.json"
+    workflow.write_text(json.dumps(model_free_ui_workflow(blur_mode=0)))
+    code, out, err = await comfy_orch("run", str(workflow), "--backend", server.url,
+                                      "--set", "Scale.scale_by=1.5", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    (image_path,) = [Path(line) for line in out.splitlines() if line.endswith(".png")]
+    with Image.open(image_path) as image:
+        assert image.size == (96, 96)

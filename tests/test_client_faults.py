@@ -77,7 +77,8 @@ async def test_waiting_in_the_queue_is_not_a_stall(server: FakeComfyUI) -> None:
     async with ComfyClient(server.url, timeouts=Timeouts(connect=2, request=5, stall=0.3, poll=0.05)) as client:
         first = asyncio.create_task(client.run(_slow(), timeout=20))  # 50 steps × 20 ms, events all along
         second = await client.run(graphs.model_free(), timeout=20)  # silent ~1 s while queued
-        assert second.output_images and (await first).output_images
+        assert second.output_images
+        assert (await first).output_images
 
 
 async def test_server_death_mid_job_is_backend_unavailable(server: FakeComfyUI) -> None:
@@ -132,7 +133,8 @@ async def test_slow_answers_time_out_as_timeout_errors(server: FakeComfyUI) -> N
         slow_client = ComfyClient(server.url, timeouts=Timeouts(connect=2, request=0.2))
         with pytest.raises(RequestTimeout) as info:
             await slow_client.queue()
-        assert isinstance(info.value, TimeoutError) and isinstance(info.value, ComfyTimeout)
+        assert isinstance(info.value, TimeoutError)
+        assert isinstance(info.value, ComfyTimeout)
         await slow_client.close()
         server.faults.latency = 0.0
         assert (await client.queue()).running == ()
@@ -150,7 +152,8 @@ async def test_cancelling_run_interrupts_only_that_prompt(server: FakeComfyUI) -
             await victim
         assert (await other).output_images
         queue = await client.queue()
-        assert queue.running == () and queue.pending == ()
+        assert queue.running == ()
+        assert queue.pending == ()
 
 
 async def test_interrupted_prompt_raises_job_cancelled(server: FakeComfyUI) -> None:
@@ -180,6 +183,7 @@ async def test_events_stream_of_a_submitted_prompt(server: FakeComfyUI) -> None:
     async with ComfyClient(server.url) as client:
         prompt_id = await client.submit(graphs.model_free())
         kinds = [type(e).__name__ async for e in client.events(prompt_id)]
-        assert kinds[0] == "ExecutionStart" and kinds[-1] == "ExecutionSuccess"
+        assert kinds[0] == "ExecutionStart"
+        assert kinds[-1] == "ExecutionSuccess"
         with pytest.raises(KeyError):
             [e async for e in client.events("unknown")]

@@ -23,7 +23,6 @@ from comfy_orchestrator.graph import (
     graphs_dir,
     model_file_present,
 )
-from tests.conftest import PROTOCOL_DIR
 
 
 def chain() -> dict[str, Any]:
@@ -274,10 +273,3 @@ def test_hash_changes_when_any_constant_changes(data: st.DataObject) -> None:
     assert content_hash(changed) != content_hash(prompt)
 
 
-@pytest.fixture(scope="module")
-def object_info() -> dict[str, Any]:
-    path = PROTOCOL_DIR / "object_info.json"
-    if not path.is_file():  # pragma: no cover - depends on the checkout
-        pytest.skip(f"no recorded /object_info at {path}")
-    info: dict[str, Any] = json.loads(path.read_text())
-    return info

@@ -98,9 +98,11 @@ def test_history_entries_parse(name: str, status: str) -> None:
     assert entry is not None
     assert entry.status == status
     if status == "error":
-        assert entry.error is not None and entry.error.exception_type
+        assert entry.error is not None
+        assert entry.error.exception_type
     else:
-        assert entry.error is None and entry.outputs
+        assert entry.error is None
+        assert entry.outputs
         assert all(f.filename for out in entry.outputs.values() for f in out.files)
     assert p.parse_history("missing", body) is None
     assert p.parse_history("anything", {}) is None

@@ -25,7 +25,7 @@ from comfy_orchestrator.graph import (
     load_templates,
     validate_prompt,
 )
-from tests.conftest import GRAPHS_DIR, PROTOCOL_DIR
+from tests.conftest import GRAPHS_DIR
 
 TEMPLATE_FILES = sorted(GRAPHS_DIR.glob("*.json"))
 
@@ -50,13 +50,6 @@ REQUIRED_SLOTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def object_info() -> dict[str, Any]:
-    path = PROTOCOL_DIR / "object_info.json"
-    if not path.is_file():  # pragma: no cover - depends on the checkout
-        pytest.skip(f"no recorded /object_info at {path}")
-    info: dict[str, Any] = json.loads(path.read_text())
-    return info
 
 
 def _changed(value: Any) -> Any:

@@ -13,16 +13,6 @@ import pytest
 from comfy_orchestrator.errors import WorkflowFormatError
 from comfy_orchestrator.graph import Graph, check_prompt, model_input_folder, validate_prompt
 from comfy_orchestrator.workflow import is_ui_workflow, ui_to_api
-from tests.conftest import PROTOCOL_DIR
-
-
-@pytest.fixture(scope="module")
-def object_info() -> dict[str, Any]:
-    path = PROTOCOL_DIR / "object_info.json"
-    if not path.is_file():  # pragma: no cover - depends on the checkout
-        pytest.skip(f"no recorded /object_info at {path}")
-    info: dict[str, Any] = json.loads(path.read_text())
-    return info
 
 
 def _node(node_id: int, kind: str, *, order: int, inputs: list[dict[str, Any]] | None = None,

@@ -28,6 +28,7 @@ from comfy_orchestrator.errors import (
     JobCancelled,
 )
 from comfy_orchestrator.graph import Graph, Template, content_hash
+from comfy_orchestrator.workflow import is_ui_workflow
 
 EXIT_GRAPH, EXIT_BACKEND, EXIT_EXECUTION, EXIT_TIMEOUT, EXIT_CANCELLED = 2, 3, 4, 5, 6
 
@@ -44,16 +45,18 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return name.strip(), value
 
 
-def bind_graph(path: Path, assignments: list[tuple[str, Any]]) -> tuple[Graph, str | None]:
-    """Load a template (slots by name) or a plain graph (``Title.input=value``) and apply the values."""
-    raw = json.loads(path.read_text())
+def bind_graph(
+    raw: Any, assignments: list[tuple[str, Any]], object_info: dict[str, Any] | None = None
+) -> tuple[Graph, str | None]:
+    """Bind a template (slots by name) or a plain graph (``Title.input=value``) to the values.
+    A UI-format workflow export is converted with the server's ``object_info``."""
     if isinstance(raw, dict) and "slots" in raw and "graph" in raw:
-        template = Template.load(path)
+        template = Template.from_dict(raw)
         slot_values = {k: v for k, v in assignments if "." not in k}
         graph = template.bind(slot_values)
         name: str | None = template.name
     else:
-        graph, name = Graph.load(path), None
+        graph, name = Graph.from_dict(raw, object_info=object_info), None
         slot_values = {}
     for key, value in assignments:
         if key in slot_values:
@@ -124,6 +127,7 @@ async def _save_outputs(
 
 async def _run(
     graph_path: Path,
+    raw: Any,
     backend: str | None,
     local: bool,
     comfyui_dir: str | None,
@@ -132,8 +136,6 @@ async def _run(
     timeout: float | None,
     console: Console,
 ) -> list[Path]:
-    graph, template_name = bind_graph(graph_path, assignments)
-    graph_dict = graph.to_dict()
     async with AsyncExitStack() as stack:
         if local:
             from comfy_orchestrator.local import LocalComfyUI, LocalComfyUIConfig, find_comfyui_dir
@@ -145,6 +147,9 @@ async def _run(
             backend = server.url
         assert backend is not None
         client = await stack.enter_async_context(ComfyClient(backend, timeouts=Timeouts(deadline=timeout)))
+        object_info = await client.object_info() if is_ui_workflow(raw) else None
+        graph, template_name = bind_graph(raw, assignments, object_info)
+        graph_dict = graph.to_dict()
         with Progress(
             TextColumn("[bold]{task.description:<28}"),
             BarColumn(),
@@ -191,7 +196,11 @@ def run_command(
     parsed = [parse_assignment(a) for a in assignments]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        written = asyncio.run(_run(graph_path, backend, local, comfyui_dir, parsed, out, timeout, console))
+        try:
+            raw = json.loads(graph_path.read_text())
+        except ValueError as exc:
+            raise GraphError(f"{graph_path} is not JSON: {exc}") from exc
+        written = asyncio.run(_run(graph_path, raw, backend, local, comfyui_dir, parsed, out, timeout, console))
     except GraphValidationError as exc:
         _fail(console, f"graph rejected: {exc.summary()}", EXIT_GRAPH)
     except GraphError as exc:

@@ -30,18 +30,22 @@ async def test_success_path_outputs_history_and_download(backend: Backend) -> No
         result = await client.run(graphs.model_free(), timeout=60, on_event=events.append)
         assert result.backend == backend.url
         (saved,) = result.output_images
-        assert saved.filename.startswith("contract_") and saved.type == "output"
+        assert saved.filename.startswith("contract_")
+        assert saved.type == "output"
         assert [f.type for f in result.outputs["7"].images] == ["temp"]
         assert result.outputs["6"].text == ("128",)  # PreviewAny of GetImageSize's width
         image = Image.open(io.BytesIO(await client.download(saved)))
         assert image.size == (128, 128)
         entry = await client.history(result.prompt_id)
-        assert entry is not None and entry.status == "success"
+        assert entry is not None
+        assert entry.status == "success"
         assert result.timings.total_s >= result.timings.execution_s >= 0
     kinds = [type(e).__name__ for e in events]
-    assert kinds[0] == "ExecutionStart" and "ExecutionCached" in kinds
+    assert kinds[0] == "ExecutionStart"
+    assert "ExecutionCached" in kinds
     assert kinds.index("ExecutionSuccess") > max(i for i, k in enumerate(kinds) if k == "Executed")
-    assert isinstance(events[-1], p.Executing) and events[-1].node is None
+    assert isinstance(events[-1], p.Executing)
+    assert events[-1].node is None
     assert set(result.node_order) == {"1", "2", "3", "5", "6", "7", "9"}
 
 
@@ -51,7 +55,8 @@ async def test_cached_resubmit_runs_nothing_and_reannounces_outputs(backend: Bac
         first = await client.run(graph, timeout=60)
         again = await client.run(graph, timeout=60)
     assert set(again.cached_nodes) == set(graph)
-    assert again.fully_cached and not first.fully_cached
+    assert again.fully_cached
+    assert not first.fully_cached
     assert again.output_images == first.output_images  # same file, no new one
 
 
@@ -123,7 +128,9 @@ async def test_execution_error_is_raised_with_node_and_exception(backend: Backen
         assert (failure.node_id, failure.node_type, failure.exception_type) == ("1", "EmptyImage", "RuntimeError")
         assert failure.out_of_memory
         entry = await client.history(failure.prompt_id)
-        assert entry is not None and entry.status == "error" and entry.error is not None
+        assert entry is not None
+        assert entry.status == "error"
+        assert entry.error is not None
 
 
 async def test_interrupt_is_prompt_scoped(backend: Backend) -> None:
@@ -138,7 +145,8 @@ async def test_interrupt_is_prompt_scoped(backend: Backend) -> None:
         bystander = asyncio.create_task(client.run(graphs.model_free(), timeout=60))
         await asyncio.sleep(0.05)
         queue = await client.queue()
-        assert len(queue.running) == 1 and len(queue.pending) == 1
+        assert len(queue.running) == 1
+        assert len(queue.pending) == 1
         await client.interrupt("not-a-running-prompt")  # a silent no-op
         await client.interrupt(queue.running[0])
         with pytest.raises(JobCancelled):
@@ -156,7 +164,8 @@ async def test_delete_from_queue_leaves_the_running_prompt(backend: Backend) -> 
         assert waiting in (await client.queue()).pending
         await client.delete_from_queue(waiting)
         queue = await client.queue()
-        assert waiting not in queue and len(queue.running) == 1
+        assert waiting not in queue
+        assert len(queue.running) == 1
         await client.interrupt(queue.running[0])
         with pytest.raises(JobCancelled):
             await running
@@ -188,7 +197,8 @@ async def test_progress_and_previews_from_the_tiny_unet(backend: Backend) -> Non
         )
         image = Image.open(io.BytesIO(await client.download(result.output_images[0])))
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert previews and result.preview_count == len(previews)
+    assert previews
+    assert result.preview_count == len(previews)
     assert all(pv.prompt_id == result.prompt_id and pv.node_id == "4" for pv in previews)
     assert all(pv.mime == "image/jpeg" and pv.image[:2] == b"\xff\xd8" for pv in previews)
     assert image.size == (64, 64)
@@ -219,7 +229,8 @@ async def test_two_clients_see_only_their_own_prompts(backend: Backend) -> None:
         )
     ids_a = {r.prompt_id for r in results[:3]}
     ids_b = {r.prompt_id for r in results[3:]}
-    assert seen["a"] == ids_a and seen["b"] == ids_b
+    assert seen["a"] == ids_a
+    assert seen["b"] == ids_b
     for client in (a, b):
         assert client.closed
 
@@ -231,7 +242,8 @@ async def test_system_stats_and_object_info(backend: Backend) -> None:
         assert await client.object_info() is info  # cached
         assert (await client.object_info(refresh=True)).keys() == info.keys()
         await client.free()
-    assert stats.comfyui_version and stats.devices
+    assert stats.comfyui_version
+    assert stats.devices
     for node in ("EmptyImage", "SaveImage", "KSampler", "UNETLoader", "LoadImage"):
         assert node in info
 
