@@ -232,7 +232,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     # Same thing computed? Cosines of the three on the same images.
     n_check = min(8, len(pool))
     ours = [s.cosines["prompt"] for s in evaluator.score_sync(pool[:n_check], PROMPT)]
-    theirs = (_clip_score_update(tensors[:n_check], [PROMPT] * n_check, hf, processor)[0] / 100).float().cpu()
+    with torch.inference_mode():
+        theirs = (_clip_score_update(tensors[:n_check], [PROMPT] * n_check, hf, processor)[0] / 100).float().cpu()
     plain = naive(pool[:n_check], PROMPT).tolist()
     agreement = {
         "cos_range": [round(min(ours), 4), round(max(ours), 4)],
@@ -266,6 +267,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     result = {
         "model": name, "architecture": spec.architecture or "local-dir", "weights": spec.weights_kind.value,
         "precision": precision, "image_size": spec.image_size, "setup_s": round(setup_s, 1),
+        "evaluator_preprocess": encoder.preprocess_mode,
         "agreement": agreement, "results": rows,
         "evaluator_batches": {"count": stats.batches, "mean": round(stats.mean_batch, 2),
                               "largest": stats.largest_batch},

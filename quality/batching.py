@@ -6,9 +6,10 @@ thus runs on one thread, off every event loop, and many pipelines scoring at onc
 
 How long the worker waits for a batch to fill: a caller that knows more items are coming (an
 evaluator scoring 8 images whose decoding is still under way) *reserves* them first, and the worker
-waits for reserved items up to ``max_wait_ms`` after the first item of a batch arrived. Nothing
-reserved, nothing to wait for: a lone request runs at once instead of paying the wait. Under load
-batches also grow by themselves: while one batch runs, new requests queue up and form the next.
+waits for reserved items as long as they keep arriving, at most ``max_wait_ms`` after the last one,
+until ``max_batch`` are there. Nothing reserved, nothing to wait for: a lone request runs at once
+instead of paying the wait. Under load batches also grow by themselves: while one batch runs, new
+requests queue up and form the next.
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ class BatchStats:
 
 
 class Reservation(Generic[T, R]):
-    """Items a caller announced: the worker waits (up to ``max_wait_ms``) for them to arrive.
+    """Items a caller announced: the worker waits for them (each up to ``max_wait_ms``) to fill a batch.
 
     Submit each through :meth:`submit`; :meth:`release` gives back what will not come (an image that
     failed its checks). Closing it (or leaving its ``with`` block) releases whatever is left.
+    Thread-safe: decode threads submit and release on one reservation together.
     """
 
     def __init__(self, batcher: DynamicBatcher[T, R], count: int) -> None:
@@ -59,19 +61,22 @@ class Reservation(Generic[T, R]):
         self._left = count
 
     def submit(self, item: T) -> Future[R]:
-        if self._left <= 0:
-            return self._batcher.submit(item)
-        self._left -= 1
-        return self._batcher._put(item, reserved=True)
+        with self._batcher._cond:
+            reserved = self._left > 0
+            if reserved:
+                self._left -= 1
+        return self._batcher._put(item, reserved=reserved)
 
     def release(self, count: int = 1) -> None:
-        count = min(count, self._left)
-        if count > 0:
+        with self._batcher._cond:
+            count = min(count, self._left)
+            if count <= 0:
+                return
             self._left -= count
-            self._batcher._unreserve(count)
+        self._batcher._unreserve(count)
 
     def close(self) -> None:
-        self.release(self._left)
+        self.release(1 << 30)
 
     def __enter__(self) -> Reservation[T, R]:
         return self
@@ -172,12 +177,17 @@ class DynamicBatcher(Generic[T, R]):
                 if self._closed:
                     return None
                 self._cond.wait()
+            # Wait for reserved items while they keep coming: at most max_wait after the last arrival.
             deadline = time.monotonic() + self.max_wait
+            seen = len(self._items)
             while len(self._items) < self.max_batch and self._reserved > 0 and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+                if len(self._items) > seen:
+                    seen = len(self._items)
+                    deadline = time.monotonic() + self.max_wait
             n = min(len(self._items), self.max_batch)
             return [self._items.popleft() for _ in range(n)]
 

@@ -1,7 +1,9 @@
 """One model's shared encoder: batched image and text encoding, a text-embedding cache, a decode pool.
 
 * Images are decoded, checked and preprocessed on a thread pool, each one handed to the model's
-  :class:`~quality.batching.DynamicBatcher` as soon as it is ready, so decoding overlaps encoding.
+  :class:`~quality.batching.DynamicBatcher` straight from its pool thread as soon as it is ready, so
+  decoding overlaps encoding. On CUDA the resize/crop/normalise step runs batched on the GPU instead
+  (:mod:`quality.preprocess`); on the CPU it is open_clip's own PIL transform.
 * Texts are cleaned of ComfyUI syntax, then looked up in an LRU cache keyed by (model, weights,
   cleaned prompt); only misses reach the model, batched like images.
 * All model work runs on the batcher's one worker thread, never on an event loop.
@@ -19,8 +21,9 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -28,12 +31,26 @@ from quality.aesthetic import AestheticHead
 from quality.batching import BatchStats, DynamicBatcher, Reservation
 from quality.errors import EvaluatorClosed
 from quality.models import LoadedModel, ModelCache, Precision, choose_device, shared_model_cache
+from quality.preprocess import TensorPreprocess
 from quality.prompts import PromptInfo, describe_prompt
 from quality.registry import ModelSpec
-from quality.technical import TechnicalLimits, TechnicalReport, check_image
+from quality.technical import (
+    TechnicalLimits,
+    TechnicalReport,
+    check_image,
+    decode_and_check,
+    judge_pixels,
+)
 from quality.types import ImageInput
 
-__all__ = ["ClipEncoder", "PreparedImage", "SharedEncoders", "TextEmbeddingCache", "shared_encoders"]
+__all__ = [
+    "ClipEncoder",
+    "PreparedImage",
+    "PreprocessMode",
+    "SharedEncoders",
+    "TextEmbeddingCache",
+    "shared_encoders",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +89,8 @@ class TextEmbeddingCache:
 
 @dataclass(frozen=True, slots=True)
 class PreparedImage:
-    """An image after the checks: its report, and the model's input tensor when it passed."""
+    """An image after the checks: its report, and (when it passed) the model's input tensor, or the
+    uint8 ``H×W×3`` image when preprocessing happens with the batch on the device."""
 
     report: TechnicalReport
     pixels: torch.Tensor | None
@@ -90,6 +108,9 @@ class _TextJob:
 
 
 _Job = _ImageJob | _TextJob
+#: How images become model input: ``pil`` (open_clip's own transform, per image on the decode pool),
+#: ``tensor`` (batched on the model's device, :mod:`quality.preprocess`), ``auto`` (tensor on CUDA).
+PreprocessMode = Literal["auto", "pil", "tensor"]
 _Result = tuple[torch.Tensor, float | None]
 
 
@@ -104,8 +125,18 @@ class ClipEncoder:
         max_wait_ms: float = 5.0,
         text_cache: TextEmbeddingCache | None = None,
         decode_workers: int | None = None,
+        preprocess: PreprocessMode = "auto",
     ) -> None:
         self.model = model
+        if preprocess == "auto":
+            preprocess = "tensor" if model.device.type == "cuda" else "pil"
+        self.preprocess_mode: PreprocessMode = preprocess
+        spec = model.spec
+        self._tensor_preprocess = (
+            TensorPreprocess(spec.image_size, spec.mean, spec.std, interpolation=spec.interpolation,
+                             resize_mode=spec.resize_mode, device=model.device, dtype=model.dtype)
+            if preprocess == "tensor" else None
+        )
         self.text_cache = text_cache or TextEmbeddingCache()
         self._batcher: DynamicBatcher[_Job, _Result] = DynamicBatcher(
             self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -113,6 +144,8 @@ class ClipEncoder:
         )
         workers = decode_workers or min(8, os.cpu_count() or 2)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"quality-decode-{model.spec.name}")
+        self._mean = torch.tensor(model.spec.mean)
+        self._std = torch.tensor(model.spec.std)
         self._closed = False
 
     @property
@@ -135,9 +168,12 @@ class ClipEncoder:
             for row, (i, _) in enumerate(texts):
                 results[i] = (emb[row], None)
         if images:
-            pixels = torch.stack([j.pixels for _, j in images])
-            if self.model.device.type == "cuda":
-                pixels = pixels.pin_memory()
+            if self._tensor_preprocess is not None:
+                pixels = self._tensor_preprocess([j.pixels for _, j in images])
+            else:
+                pixels = torch.stack([j.pixels for _, j in images])
+                if self.model.device.type == "cuda":
+                    pixels = pixels.pin_memory()
             emb = self.model.encode_images(pixels)
             ratings: dict[int, float] = {}
             heads = {id(j.head): j.head for _, j in images if j.head is not None}
@@ -156,11 +192,39 @@ class ClipEncoder:
             raise EvaluatorClosed(f"the encoder of {self.model.spec.name!r} is closed")
 
     def prepare(self, image: ImageInput, limits: TechnicalLimits) -> PreparedImage:
-        """Decode, check and (when the checks pass) preprocess one image. Blocking: run it on a pool."""
-        report, pil = check_image(image, limits)
-        if not report.ok or pil is None:
-            return PreparedImage(report, None)
-        return PreparedImage(report, self.model.preprocess(pil))
+        """Decode, check and preprocess one image. Blocking: it runs on the decode pool.
+
+        PIL mode: open_clip's own transform; the pixel statistics of the checks come from that model
+        input (un-normalised), at no extra cost. Tensor mode: the checks read a box-reduced copy and
+        the image leaves as a uint8 tensor, to be resized with its batch on the model's device.
+        """
+        if self._tensor_preprocess is not None:
+            report, pil = check_image(image, limits)
+            if not report.ok or pil is None:
+                return PreparedImage(report, None)
+            return PreparedImage(report, TensorPreprocess.to_uint8(pil))
+        decoded = decode_and_check(image, limits)
+        if decoded.image is None:
+            return PreparedImage(TechnicalReport(decoded.failures, 0, 0, 0.0, 0.0), None)
+        pixels = self.model.preprocess(decoded.image)
+        rgb = (pixels.permute(1, 2, 0).reshape(-1, 3) * self._std + self._mean) * 255.0
+        report = judge_pixels(decoded, rgb.numpy(), limits)
+        return PreparedImage(report, pixels if report.ok else None)
+
+    def _prepare_and_submit(
+        self, image: ImageInput, limits: TechnicalLimits, head: AestheticHead | None,
+        reservation: Reservation[_Job, _Result],
+    ) -> tuple[TechnicalReport, Future[_Result] | None]:
+        # On a pool thread: straight on to the batcher, with no trip back through the event loop.
+        try:
+            prepared = self.prepare(image, limits)
+        except BaseException:
+            reservation.release()
+            raise
+        if prepared.pixels is None:
+            reservation.release()
+            return prepared.report, None
+        return prepared.report, reservation.submit(_ImageJob(prepared.pixels, head))
 
     async def prepare_async(self, image: ImageInput, limits: TechnicalLimits) -> PreparedImage:
         self._check_open()
@@ -170,16 +234,13 @@ class ClipEncoder:
         self, image: ImageInput, limits: TechnicalLimits, head: AestheticHead | None,
         reservation: Reservation[_Job, _Result],
     ) -> tuple[TechnicalReport, torch.Tensor | None, float | None]:
-        try:
-            prepared = await self.prepare_async(image, limits)
-        except BaseException:
-            reservation.release()
-            raise
-        if prepared.pixels is None:
-            reservation.release()
-            return prepared.report, None, None
-        emb, rating = await asyncio.wrap_future(reservation.submit(_ImageJob(prepared.pixels, head)))
-        return prepared.report, emb, rating
+        loop = asyncio.get_running_loop()
+        report, fut = await loop.run_in_executor(
+            self._pool, self._prepare_and_submit, image, limits, head, reservation)
+        if fut is None:
+            return report, None, None
+        emb, rating = await asyncio.wrap_future(fut)
+        return report, emb, rating
 
     async def embed_image(
         self, image: ImageInput, limits: TechnicalLimits, head: AestheticHead | None = None
@@ -234,12 +295,13 @@ class ClipEncoder:
 
 
 class SharedEncoders:
-    """One :class:`ClipEncoder` per (model, device, precision); the first caller's batching settings win."""
+    """One :class:`ClipEncoder` per (model, device, precision, preprocessing); the first caller's
+    batching settings win."""
 
     def __init__(self, models: ModelCache | None = None) -> None:
         self.models = models or shared_model_cache()
         self._lock = threading.Lock()
-        self._encoders: dict[tuple[ModelSpec, str, str], ClipEncoder] = {}
+        self._encoders: dict[tuple[ModelSpec, str, str, str], ClipEncoder] = {}
 
     def get(
         self,
@@ -249,9 +311,11 @@ class SharedEncoders:
         precision: Precision | None = None,
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
+        preprocess: PreprocessMode = "auto",
     ) -> ClipEncoder:
         choice = choose_device(device, precision)
-        key = (spec, str(choice.device), choice.precision)
+        mode = preprocess if preprocess != "auto" else ("tensor" if choice.device.type == "cuda" else "pil")
+        key = (spec, str(choice.device), choice.precision, mode)
         with self._lock:
             enc = self._encoders.get(key)
             if enc is not None and not enc.closed:
@@ -260,7 +324,7 @@ class SharedEncoders:
         with self._lock:
             enc = self._encoders.get(key)
             if enc is None or enc.closed:
-                enc = ClipEncoder(loaded, max_batch=max_batch, max_wait_ms=max_wait_ms)
+                enc = ClipEncoder(loaded, max_batch=max_batch, max_wait_ms=max_wait_ms, preprocess=mode)
                 self._encoders[key] = enc
             return enc
 

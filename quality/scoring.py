@@ -25,7 +25,7 @@ import numpy.typing as npt
 import torch
 
 from quality.aesthetic import AestheticHead, load_aesthetic_head
-from quality.encoder import ClipEncoder, SharedEncoders, shared_encoders
+from quality.encoder import ClipEncoder, PreprocessMode, SharedEncoders, shared_encoders
 from quality.errors import EvaluatorClosed
 from quality.models import Precision
 from quality.registry import DEFAULT_MODEL, ModelSpec, Registry, default_registry
@@ -57,6 +57,7 @@ class ClipEvaluator:
         limits: TechnicalLimits | None = None,
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
+        preprocess: PreprocessMode = "auto",
         encoders: SharedEncoders | None = None,
     ) -> None:
         self.spec = model if isinstance(model, ModelSpec) else (registry or default_registry()).get(model)
@@ -68,6 +69,7 @@ class ClipEvaluator:
         self.limits = limits or TechnicalLimits()
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
+        self.preprocess: PreprocessMode = preprocess
         self._aesthetic_source = aesthetic_head
         self._head: AestheticHead | None = aesthetic_head if isinstance(aesthetic_head, AestheticHead) else None
         self._encoders = encoders
@@ -89,7 +91,8 @@ class ClipEvaluator:
             if self._encoder is None or self._encoder.closed:
                 encoders = self._encoders or shared_encoders()
                 self._encoder = encoders.get(self.spec, device=self.device, precision=self.precision,
-                                             max_batch=self.max_batch, max_wait_ms=self.max_wait_ms)
+                                             max_batch=self.max_batch, max_wait_ms=self.max_wait_ms,
+                                             preprocess=self.preprocess)
             if self._head is None and self._aesthetic_source is not None:
                 assert not isinstance(self._aesthetic_source, AestheticHead)
                 self._head = load_aesthetic_head(self._aesthetic_source, expected_dim=self._encoder.model.embed_dim)

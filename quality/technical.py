@@ -17,7 +17,20 @@ from PIL import Image, UnidentifiedImageError
 
 from quality.types import ImageInput
 
-__all__ = ["TechnicalCheck", "TechnicalLimits", "TechnicalReport", "check_image", "decode_image"]
+__all__ = [
+    "DecodedImage",
+    "TechnicalCheck",
+    "TechnicalLimits",
+    "TechnicalReport",
+    "check_image",
+    "decode_and_check",
+    "decode_image",
+    "judge_pixels",
+]
+
+
+_STATS_SIDE = 128
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L" conversion
 
 
 class TechnicalCheck(enum.StrEnum):
@@ -93,38 +106,66 @@ def _float_to_pil(arr: npt.NDArray[np.float32]) -> Image.Image:
     return Image.fromarray((np.clip(clean, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
 
 
-def check_image(
-    image: ImageInput, limits: TechnicalLimits | None = None
-) -> tuple[TechnicalReport, Image.Image | None]:
-    """Run every check on ``image``; return the report and the decoded RGB image (None if undecodable).
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """An image after the checks that need no pixel statistics (decoding, NaN, size)."""
+
+    image: Image.Image | None
+    failures: tuple[TechnicalCheck, ...]
+    width: int
+    height: int
+
+
+def decode_and_check(image: ImageInput, limits: TechnicalLimits) -> DecodedImage:
+    """Decode ``image`` and run the checks that need no statistics: undecodable, non-finite, too small.
 
     Float arrays are read as 0..1 (a VAE decode); their NaNs fail ``non_finite`` and are drawn black.
     """
-    limits = limits or TechnicalLimits()
     pil, float_arr = decode_image(image)
     failures: list[TechnicalCheck] = []
     if float_arr is not None:
-        finite = np.isfinite(float_arr)
-        if 1.0 - float(finite.mean()) > limits.max_non_finite:
+        if 1.0 - float(np.isfinite(float_arr).mean()) > limits.max_non_finite:
             failures.append(TechnicalCheck.NON_FINITE)
         pil = _float_to_pil(float_arr)
     if pil is None:
-        return TechnicalReport((TechnicalCheck.UNDECODABLE,), 0, 0, 0.0, 0.0), None
+        return DecodedImage(None, (TechnicalCheck.UNDECODABLE,), 0, 0)
     width, height = pil.size
     if min(width, height) < limits.min_side:
         failures.append(TechnicalCheck.TOO_SMALL)
-    # Statistics on a bounded thumbnail: exact enough, and O(1) in the image's size.
-    thumb = pil if max(pil.size) <= 256 else pil.resize((256, max(1, round(256 * height / width)))
-                                                         if width >= height else
-                                                         (max(1, round(256 * width / height)), 256),
-                                                         Image.Resampling.BOX)
-    lum = np.asarray(thumb.convert("L"), dtype=np.float32)
+    return DecodedImage(pil, tuple(failures), width, height)
+
+
+def judge_pixels(
+    decoded: DecodedImage, rgb: npt.NDArray[np.float32], limits: TechnicalLimits
+) -> TechnicalReport:
+    """The full report, from a sample of the image's pixels: ``rgb`` is ``[N, 3]`` on the 0..255 scale.
+
+    Any faithful downsampling of the image will do (a box-reduced copy, or the model's own input).
+    """
+    lum = rgb @ _LUMA
     mean, std = float(lum.mean()), float(lum.std())
-    rgb_std = float(np.asarray(thumb, dtype=np.float32).reshape(-1, 3).std(axis=0).max())
+    rgb_std = float(rgb.std(axis=0).max())
+    failures = list(decoded.failures)
     if max(std, rgb_std) < limits.min_std:
         failures.append(TechnicalCheck.UNIFORM)
     if mean <= limits.dark_mean:
         failures.append(TechnicalCheck.NEAR_BLACK)
     elif mean >= limits.bright_mean:
         failures.append(TechnicalCheck.NEAR_WHITE)
-    return TechnicalReport(tuple(failures), width, height, mean, std), pil
+    return TechnicalReport(tuple(failures), decoded.width, decoded.height, mean, std)
+
+
+def check_image(
+    image: ImageInput, limits: TechnicalLimits | None = None
+) -> tuple[TechnicalReport, Image.Image | None]:
+    """Run every check on ``image``; return the report and the decoded RGB image (None if undecodable)."""
+    limits = limits or TechnicalLimits()
+    decoded = decode_and_check(image, limits)
+    pil = decoded.image
+    if pil is None:
+        return TechnicalReport(decoded.failures, 0, 0, 0.0, 0.0), None
+    # Statistics on a box-reduced copy of about 128 px a side: exact enough for means and spreads,
+    # and far cheaper than the full image (Image.reduce is a plain block average).
+    factor = max(1, min(decoded.width, decoded.height) // _STATS_SIDE)
+    thumb = pil.reduce(factor) if factor > 1 else pil
+    return judge_pixels(decoded, np.asarray(thumb, dtype=np.float32).reshape(-1, 3), limits), pil

@@ -83,5 +83,5 @@ class PoolSettings:
 
     def backoff(self, retry: int, random: float) -> float:
         """The wait before retry number ``retry`` (1 for the first), ``random`` uniform in [0, 1)."""
-        base = min(self.backoff_max, self.backoff_initial * 2 ** max(0, retry - 1))
+        base = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, retry - 1))
         return max(0.0, base * (1 - self.backoff_jitter + 2 * self.backoff_jitter * random))

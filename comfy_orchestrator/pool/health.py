@@ -74,7 +74,8 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
-        if self._state is BreakerState.OPEN and self.opened_at is not None and self._clock() - self.opened_at >= self.reset:
+        opened = self.opened_at
+        if self._state is BreakerState.OPEN and opened is not None and self._clock() - opened >= self.reset:
             self._state = BreakerState.HALF_OPEN
         return self._state
 

@@ -147,3 +147,21 @@ async def test_event_loop_is_never_blocked_by_model_work(vit_b32: ClipEvaluator)
     assert all(s.ok for s in scores)
     busy = evaluator.encoder.stats.busy_seconds - busy_before
     assert max(gaps) < max(0.25, busy / 2), (max(gaps), busy)
+
+
+async def test_tensor_preprocessing_matches_open_clips_pil_path() -> None:
+    """The batched on-device path (the default on CUDA), run here on the CPU: same scores within ~1e-3."""
+    from .conftest import CLASS_CAPTIONS
+
+    images = [shape("red", "circle", seed=1), shape("blue", "star", size=300, seed=2), text_image(seed=5),
+              Image.new("RGB", (256, 256), (0, 0, 0))]
+    pil = ClipEvaluator(TINY, device="cpu", preprocess="pil", encoders=SharedEncoders(ModelCache()))
+    tensor = ClipEvaluator(TINY, device="cpu", preprocess="tensor", encoders=SharedEncoders(ModelCache()))
+    a = await pil.similarities(images, list(CLASS_CAPTIONS))
+    b = await tensor.similarities(images, list(CLASS_CAPTIONS))
+    assert np.isnan(a[3]).all()
+    assert np.isnan(b[3]).all()  # the blank image fails its checks either way
+    assert np.abs(a[:3] - b[:3]).max() < 0.01
+    assert (a[:3].argmax(axis=1) == b[:3].argmax(axis=1)).all()
+    assert tensor.encoder is not None
+    assert tensor.encoder.preprocess_mode == "tensor"

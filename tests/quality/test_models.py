@@ -15,6 +15,7 @@ from quality import (
     ClipEvaluator,
     ModelCache,
     Registry,
+    SharedEncoders,
     UnknownModel,
     WeightsKind,
     WeightsUnavailable,
@@ -109,15 +110,17 @@ async def test_vit_b32_random_weights_load_batch_and_shape(vit_b32: ClipEvaluato
     assert [set(s.parts) for s in scores] == [{"alignment", "negative", "technical"}] * 3
 
 
-@pytest.mark.skipif(os.environ.get("QUALITY_FULL_MODELS") != "1",
-                    reason="ViT-L/14 on a CPU takes ~30 s: set QUALITY_FULL_MODELS=1 (the GPU run covers it)")
 async def test_vit_l14_random_weights_load_and_shape() -> None:
-    evaluator = ClipEvaluator("vit-l-14-random", device="cpu")
+    """The production architecture (random weights), once, at batch 2: about 15 s on one CPU thread."""
+    encoders = SharedEncoders(ModelCache())  # not the process-wide one: 1.7 GB freed after the test
+    evaluator = ClipEvaluator("vit-l-14-random", device="cpu", encoders=encoders)
     sims = await evaluator.similarities([shape("red", "circle"), shape("blue", "star")], ["a red circle"])
     assert sims.shape == (2, 1)
     assert np.isfinite(sims).all()
     assert evaluator.encoder is not None
     assert evaluator.encoder.model.embed_dim == 768
+    assert evaluator.encoder.stats.largest_batch >= 2  # both images in one batch (with the text)
+    encoders.close_all()
 
 
 @pytest.mark.gpu

@@ -1,0 +1,224 @@
+"""Comparison runs: models × prompts × seeds (× parameters) as a resumable object on disk.
+
+::
+
+    run = ComparisonRun("runs/fox", ComparisonSpec(template="sd15_txt2img", models=[a, b],
+                                                   prompts=["a red fox"], seeds=[1, 2, 3]))
+    await run.run(pool, evaluator=evaluator)   # again after a crash: only missing or failed cells run
+    run.contact_sheet().save("runs/fox/sheet.png")
+    frame = run.to_pandas()
+
+``<directory>/manifest.json`` holds the spec and one record per cell (job id, backend, model, seed,
+timings, score, output paths, lineage), rewritten after every cell; images go to ``images/``.
+``ComparisonRun("runs/fox")`` opens an existing run; a spec that adds models, prompts or seeds to
+it keeps what was done and runs the new cells only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from comfy_orchestrator.graph import Template, content_hash, load_templates
+from comfy_orchestrator.pipelines.cache import DiskCache
+from comfy_orchestrator.pipelines.cells import MANIFEST_FORMAT, Cell, CellRecord, ComparisonSpec
+from comfy_orchestrator.pipelines.checks import template_problems
+from comfy_orchestrator.pipelines.errors import PipelineSpecError
+from comfy_orchestrator.pipelines.events import Emitter, EventCallback
+from comfy_orchestrator.pipelines.jobs import Job, JobPolicy, RunContext, run_job
+from comfy_orchestrator.pipelines.results import Artifact, JobOutcome, JobStatus
+from comfy_orchestrator.pipelines.spec import PipelineSpec
+from comfy_orchestrator.pipelines.stats import RunStats
+from comfy_orchestrator.pipelines.steps import binding_of, score_images
+from comfy_orchestrator.pipelines.types import Evaluator, PoolLike
+
+__all__ = ["ComparisonRun"]
+
+_MANIFEST = "manifest.json"
+
+
+class ComparisonRun:
+    """A comparison in ``directory``; pass ``spec`` to create it (or extend it), omit it to reopen."""
+
+    def __init__(self, directory: str | Path, spec: ComparisonSpec | None = None, *,
+                 templates: Mapping[str, Template] | None = None) -> None:
+        self.directory = Path(directory)
+        self.records: dict[str, CellRecord] = {}
+        stored = self._load()
+        if spec is None and stored is None:
+            raise FileNotFoundError(f"no comparison in {self.directory} (no {_MANIFEST}); pass a ComparisonSpec")
+        self.spec: ComparisonSpec = spec or stored  # type: ignore[assignment]
+        self.templates = templates if templates is not None else load_templates()
+        problems = template_problems(PipelineSpec(steps=[self.spec.as_step()]), self.templates)
+        if problems:
+            raise PipelineSpecError([p.replace("steps[0] 'cells': ", "") for p in problems],
+                                    source=f"comparison {self.spec.name!r}")
+        self._lock = asyncio.Lock()
+        self._writing: asyncio.Future[None] | None = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / _MANIFEST
+
+    @property
+    def cells(self) -> list[CellRecord]:
+        """A record per cell of the grid, in order (``missing`` for those not run yet)."""
+        return [self.records.get(cell.id) or CellRecord.missing(cell) for cell in self.spec.cells()]
+
+    def pending(self) -> list[Cell]:
+        """The cells a run would run: missing or failed."""
+        return [cell for cell in self.spec.cells() if not (r := self.records.get(cell.id)) or not r.ok]
+
+    async def run(self, pool: PoolLike, *, evaluator: Evaluator | None = None, on_event: EventCallback | None = None,
+                  progress: bool = True, cache: DiskCache | str | Path | None = None) -> RunStats:
+        """Run the missing and failed cells (and score done cells that have no score, given an
+        ``evaluator``); returns the statistics of what this call did. Cancel it at any time: what
+        finished is in the manifest, and the next call resumes."""
+        todo = self.pending()
+        unscored = [c for c in self.spec.cells() if evaluator is not None and (r := self.records.get(c.id))
+                    and r.ok and r.score is None]
+        disk = cache if isinstance(cache, DiskCache) else DiskCache(cache or self.directory / ".cache")
+        ctx = RunContext(pool, self.directory, Emitter(on_event), disk, evaluator, {"comparison": self.spec.name})
+        total = len(self.spec.cells())
+        bar = tqdm(total=total, initial=total - len(todo), desc=self.spec.name, unit="cell", disable=not progress)
+        outcomes: list[JobOutcome] = []
+        started = time.monotonic()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for cell in todo:
+                    group.create_task(self._run_cell(ctx, cell, outcomes, bar))
+                for cell in unscored:
+                    group.create_task(self._rescore(ctx, cell))
+        finally:
+            bar.close()
+            if self._writing is not None:  # the last manifest write lands, cancelled or not
+                await asyncio.wait([self._writing])
+            await ctx.emitter.drain()
+        return RunStats.from_outcomes(outcomes, time.monotonic() - started)
+
+    def _job(self, cell: Cell) -> Job:
+        spec, template = self.spec, self.templates[self.spec.template]
+        params = {**spec.params, **cell.params}
+        axes = ((spec.model_slot, cell.model), (spec.prompt_slot, cell.prompt), (spec.seed_slot, cell.seed))
+        params.update({slot: value for slot, value in axes if value is not None})
+        b = binding_of(spec.as_step(), template, params)
+        return Job("cells", template.bind(params), b.model, b.seed, b.prompt, b.negative, params, cell=cell.id,
+                   backends=tuple(spec.backends) if spec.backends is not None else None)
+
+    async def _run_cell(self, ctx: RunContext, cell: Cell, outcomes: list[JobOutcome], bar: Any) -> None:
+        spec, job = self.spec, self._job(cell)
+        # skip_existing: a cell whose images were saved but not yet recorded when a run was cancelled
+        # is picked up from images/ instead of running again.
+        policy = JobPolicy(retry=spec.retry, timeout=spec.timeout, cache=spec.cache, skip_existing=True)
+        outcome = await run_job(ctx, job, policy, folder="images")
+        outcomes.append(outcome)
+        timings, cached = outcome.timings, outcome.status is JobStatus.CACHED
+        record = replace(
+            CellRecord.missing(cell), status="done" if outcome.status.ok and not cached else outcome.status.value,
+            job_id=outcome.job_id, backend=outcome.backend, elapsed_s=round(outcome.elapsed, 4),
+            queued_s=None if timings is None else round(timings.queued_s, 4),
+            execution_s=None if timings is None else round(timings.execution_s, 4),
+            outputs=[str(a.path.relative_to(self.directory)) for a in outcome.artifacts],
+            lineage={"step": "cells", "template": spec.template, "graph_hash": content_hash(job.graph),
+                     "key": job.key, "parents": []},
+            attempts=len(outcome.attempts), error=outcome.error, finished_at=time.time(),
+        )
+        if outcome.status.ok and ctx.evaluator is not None:
+            record = await self._scored(ctx, record, outcome.artifacts)
+        await self._store(record)
+        bar.update(1)
+
+    async def _rescore(self, ctx: RunContext, cell: Cell) -> None:
+        """Score a cell done in an earlier run without an evaluator (no GPU work)."""
+        record, job = self.records[cell.id], self._job(cell)
+        artifacts = [Artifact(f"{record.id}/{i}", "cells", self.directory / path, job.key, i, job.model, job.seed,
+                              job.prompt, job.negative) for i, path in enumerate(record.outputs)]
+        await self._store(await self._scored(ctx, record, artifacts))
+
+    async def _scored(self, ctx: RunContext, record: CellRecord, artifacts: Sequence[Artifact]) -> CellRecord:
+        try:
+            scored = await score_images(ctx, artifacts)
+        except Exception as exc:  # a user's evaluator may raise anything; the cell keeps its image
+            return replace(record, error=f"scoring failed: {type(exc).__name__}: {exc}")
+        best = max(scored, key=lambda a: a.score or 0.0)
+        return replace(record, score=best.score, parts=dict(best.score_parts), error=None)
+
+    # -- the manifest -------------------------------------------------------------------------------------
+
+    def _load(self) -> ComparisonSpec | None:
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise PipelineSpecError([f"unreadable manifest: {exc}"], source=str(self.manifest_path)) from None
+        if data.get("format") != MANIFEST_FORMAT:
+            raise PipelineSpecError([f"not a comparison manifest (format {data.get('format')!r})"],
+                                    source=str(self.manifest_path))
+        self.records = {cid: CellRecord(**entry) for cid, entry in data.get("cells", {}).items()}
+        return ComparisonSpec.model_validate(data["spec"])
+
+    async def _store(self, record: CellRecord) -> None:
+        async with self._lock:
+            self.records[record.id] = record
+            text = json.dumps(self.manifest(), indent=2, sort_keys=True, default=str)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(_write_atomically, self.manifest_path, text))
+            await asyncio.shield(self._writing)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data: spec and every cell record (grid order first)."""
+        ordered = {r.id: asdict(r) for r in self.cells if r.status != "missing"}
+        extra = {cid: asdict(r) for cid, r in self.records.items() if cid not in ordered}
+        return {"format": MANIFEST_FORMAT, "spec": self.spec.model_dump(mode="json"), "cells": {**ordered, **extra},
+                "updated_at": time.time()}
+
+    # -- reading it -------------------------------------------------------------------------------------
+
+    def contact_sheet(self, *, thumb: int = 128) -> Any:
+        """A ``PIL.Image``: rows are models, columns prompts × seeds (× grid values), the score (or
+        the status) under each image."""
+        from comfy_orchestrator.pipelines.contact_sheet import SheetCell, render_sheet
+
+        models = list(dict.fromkeys(c.model for c in self.spec.cells()))
+        columns = list({replace(c, model=None).id: replace(c, model=None) for c in self.spec.cells()}.values())
+        by_id = {r.id: r for r in self.cells}
+        grid = []
+        for model in models:
+            row = []
+            for column in columns:
+                record = by_id[replace(column, model=model).id]
+                path = self.directory / record.outputs[0] if record.outputs else None
+                caption = f"{record.score:.3f}" if record.score is not None else record.status
+                row.append(SheetCell(path, caption))
+            grid.append(row)
+        return render_sheet([m or "(template model)" for m in models], [c.column for c in columns], grid,
+                            thumb=thumb, title=self.spec.name)
+
+    def to_pandas(self) -> Any:
+        """One row per cell: coordinates, status, job id, backend, timings, score and its parts, outputs."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pandas is optional
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from exc
+        rows = []
+        for record in self.cells:
+            row = asdict(record)
+            row.update({f"param.{k}": v for k, v in row.pop("params").items()})
+            row.update({f"part.{k}": v for k, v in row.pop("parts").items()})
+            row["output"] = record.outputs[0] if record.outputs else None
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)

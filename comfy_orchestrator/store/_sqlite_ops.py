@@ -1,0 +1,287 @@
+"""The SQL of the SQLite store: each function runs inside a transaction the store opened."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+import aiosqlite
+
+from comfy_orchestrator.store._codec import decode_cursor, dumps, from_us, loads
+from comfy_orchestrator.store.errors import IdempotencyConflict, JobNotFound, JobNotRunning, QueueFull
+from comfy_orchestrator.store.types import AttemptState, EventRecord, EventType, JobKind, JobState, StepState
+
+__all__ = [
+    "COUNT_ACTIVE_SQL",
+    "OUTPUTS_SQL",
+    "claim",
+    "count_active",
+    "end_attempt",
+    "end_attempts",
+    "event",
+    "events_query",
+    "finish",
+    "insert_job",
+    "job_row",
+    "lease",
+    "list_jobs_query",
+    "one",
+    "record_output",
+    "release",
+    "running_jobs_query",
+    "start_attempt",
+    "upsert_step",
+]
+
+COUNT_ACTIVE_SQL = "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN ('queued', 'running')"
+OUTPUTS_SQL = "SELECT o.* FROM outputs o JOIN jobs j ON j.id = o.job_id WHERE o.job_id = ? AND j.tenant = ?"
+"""A job's outputs, only when the job is the tenant's."""
+
+_ATTEMPT_COLUMNS = ("job_id", "n", "backend", "prompt_id", "state", "started_us", "ended_us", "error", "step")
+
+
+async def one(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+    async with db.execute(sql, tuple(params)) as cursor:
+        row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+
+async def job_row(db: aiosqlite.Connection, job_id: str, tenant: str | None = None) -> sqlite3.Row:
+    """The job's bookkeeping columns; ``JobNotFound`` when it is missing (or another tenant's)."""
+    row = await one(db, "SELECT id, tenant, state, attempts, lease_owner FROM jobs WHERE id = ?", (job_id,))
+    if row is None or (tenant is not None and row["tenant"] != tenant):
+        raise JobNotFound(job_id)
+    return row
+
+
+async def count_active(db: aiosqlite.Connection, tenant: str) -> int:
+    row = await one(db, COUNT_ACTIVE_SQL, (tenant,))
+    return 0 if row is None else int(row[0])
+
+
+async def event(
+    db: aiosqlite.Connection, job_id: str, tenant: str, type: str, data: Mapping[str, Any], now: int
+) -> EventRecord:
+    text = dumps(dict(data))
+    cursor = await db.execute("INSERT INTO events (job_id, tenant, type, data, at_us) VALUES (?, ?, ?, ?, ?)",
+                              (job_id, tenant, str(type), text, now))
+    assert cursor.lastrowid is not None
+    return EventRecord(cursor.lastrowid, job_id, tenant, str(type), loads(text), from_us(now))
+
+
+async def end_attempts(
+    db: aiosqlite.Connection, job_id: str, state: AttemptState, error: Mapping[str, Any] | None, now: int
+) -> None:
+    """End the job's open attempt(s) with ``state`` (keeping an error they already carry)."""
+    await db.execute("UPDATE attempts SET state = ?, ended_us = ?, error = COALESCE(?, error) "
+                     "WHERE job_id = ? AND state = 'running'",
+                     (state.value, now, None if error is None else dumps(error), job_id))
+
+
+async def insert_job(
+    db: aiosqlite.Connection,
+    *,
+    job_id: str,
+    tenant: str,
+    kind: JobKind,
+    spec_json: str,
+    labels: Mapping[str, str],
+    digest: str,
+    idempotency_key: str | None,
+    max_active: int | None,
+    now: int,
+) -> tuple[sqlite3.Row, bool]:
+    """The idempotent create: the job already under the key (same body), or a new queued one."""
+    if idempotency_key is not None:
+        row = await one(db, "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, idempotency_key))
+        if row is not None:
+            if row["body_hash"] != digest:
+                raise IdempotencyConflict(tenant, idempotency_key, row["id"])
+            return row, False
+    if max_active is not None and await count_active(db, tenant) >= max_active:
+        raise QueueFull(tenant, max_active)
+    await db.execute(
+        "INSERT INTO jobs (id, tenant, kind, spec, state, created_us, updated_us, body_hash, idempotency_key, labels) "
+        "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+        (job_id, tenant, kind.value, spec_json, now, now, digest, idempotency_key, dumps(dict(labels))),
+    )
+    await db.executemany("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)",
+                         [(job_id, k, v) for k, v in labels.items()])
+    await event(db, job_id, tenant, EventType.QUEUED, {"kind": kind.value}, now)
+    row = await one(db, "SELECT * FROM jobs WHERE id = ?", (job_id,))
+    assert row is not None
+    return row, True
+
+
+async def claim(db: aiosqlite.Connection, worker_id: str, until: int, now: int) -> tuple[sqlite3.Row, bool] | None:
+    """Lease the oldest running job whose lease ran out, else the oldest queued one; (row, reclaimed)."""
+    row = await one(db, "SELECT id, tenant FROM jobs WHERE state = 'running' AND lease_until_us <= ? "
+                        "ORDER BY created_us, id LIMIT 1", (now,))
+    reclaimed = row is not None
+    if row is None:
+        row = await one(db, "SELECT id, tenant FROM jobs WHERE state = 'queued' ORDER BY created_us, id LIMIT 1")
+    if row is None:
+        return None
+    await db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ?, updated_us = ? "
+                     "WHERE id = ?", (worker_id, until, now, row["id"]))
+    await event(db, row["id"], row["tenant"], EventType.RUNNING, {"reclaimed": reclaimed}, now)
+    claimed = await one(db, "SELECT * FROM jobs WHERE id = ?", (row["id"],))
+    assert claimed is not None
+    return claimed, reclaimed
+
+
+async def start_attempt(
+    db: aiosqlite.Connection, job_id: str, backend: str, prompt_id: str, step: str | None, now: int
+) -> int:
+    """Record the next attempt of a running job; its number."""
+    row = await job_row(db, job_id)
+    if row["state"] != JobState.RUNNING:
+        raise JobNotRunning(job_id, row["state"])
+    n = int(row["attempts"]) + 1
+    await db.execute("INSERT INTO attempts (job_id, n, backend, prompt_id, state, started_us, step) "
+                     "VALUES (?, ?, ?, ?, 'running', ?, ?)", (job_id, n, backend, prompt_id, now, step))
+    await db.execute("UPDATE jobs SET attempts = ?, updated_us = ? WHERE id = ?", (n, now, job_id))
+    await event(db, job_id, row["tenant"], EventType.ATTEMPT,
+                {"n": n, "backend": backend, "prompt_id": prompt_id, "step": step}, now)
+    return n
+
+
+async def finish(
+    db: aiosqlite.Connection,
+    job_id: str,
+    state: JobState,
+    attempt_state: AttemptState,
+    event_data: Mapping[str, Any],
+    *,
+    tenant: str | None,
+    result: Mapping[str, Any] | None,
+    error: Mapping[str, Any] | None,
+    now: int,
+) -> bool:
+    """Move a job to a final state once; False (nothing changed) when it already was in one."""
+    row = await job_row(db, job_id, tenant)
+    if JobState(row["state"]).final:
+        return False
+    await end_attempts(db, job_id, attempt_state, error, now)
+    await db.execute(
+        "UPDATE jobs SET state = ?, result = ?, error = ?, lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
+        "WHERE id = ?",
+        (state.value, None if result is None else dumps(result), None if error is None else dumps(error), now, job_id))
+    await event(db, job_id, row["tenant"], EventType(f"job.{state.value}"), event_data, now)
+    return True
+
+
+def list_jobs_query(
+    tenant: str,
+    states: Collection[JobState] | None,
+    labels: Mapping[str, str] | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[str, list[Any]]:
+    """A page of the tenant's jobs, newest first, after ``cursor``: one row more than ``limit``
+    tells whether another page follows."""
+    where: list[str] = ["tenant = ?"]
+    params: list[Any] = [tenant]
+    if states:
+        names = [JobState(s).value for s in states]
+        where.append(f"state IN ({', '.join('?' * len(names))})")
+        params += names
+    for key, value in (labels or {}).items():
+        where.append("EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = jobs.id AND l.key = ? AND l.value = ?)")
+        params += [key, value]
+    if cursor is not None:
+        created_us, last_id = decode_cursor(cursor)
+        where.append("(created_us, id) < (?, ?)")
+        params += [created_us, last_id]
+    sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_us DESC, id DESC LIMIT ?"
+    return sql, [*params, limit + 1]
+
+
+def events_query(tenant: str, seq: int, job_ids: Collection[str] | None, limit: int) -> tuple[str, list[Any]]:
+    sql, params = "SELECT * FROM events WHERE tenant = ? AND seq > ?", [tenant, seq]
+    if job_ids is not None:
+        ids = list(job_ids)
+        sql += f" AND job_id IN ({', '.join('?' * len(ids))})"
+        params += ids
+    return sql + " ORDER BY seq LIMIT ?", [*params, limit]
+
+
+def running_jobs_query(lease_expired_before: int | None) -> tuple[str, list[Any]]:
+    """Running jobs joined with their latest attempt (columns ``a_*``; NULL when none started)."""
+    columns = ", ".join(f"a.{c} AS a_{c}" for c in _ATTEMPT_COLUMNS)
+    sql = (f"SELECT j.*, {columns} FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id AND a.n = j.attempts "
+           "WHERE j.state = 'running'")
+    params: list[Any] = []
+    if lease_expired_before is not None:
+        sql += " AND j.lease_until_us <= ?"
+        params.append(lease_expired_before)
+    return sql + " ORDER BY j.created_us, j.id", params
+
+
+async def lease(db: aiosqlite.Connection, job_id: str, worker_id: str, until: int, *, renew: bool) -> bool:
+    """Extend ``worker_id``'s lease (``renew``), or hand the lease to it whoever held it."""
+    params: tuple[Any, ...]
+    if renew:
+        sql, params = ("UPDATE jobs SET lease_until_us = ? WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                       (until, job_id, worker_id))
+    else:
+        sql, params = ("UPDATE jobs SET lease_owner = ?, lease_until_us = ? WHERE id = ? AND state = 'running'",
+                       (worker_id, until, job_id))
+    cursor = await db.execute(sql, params)
+    return cursor.rowcount == 1
+
+
+async def release(
+    db: aiosqlite.Connection,
+    job_id: str,
+    worker_id: str | None,
+    attempt_state: AttemptState,
+    error: Mapping[str, Any] | None,
+    reason: str,
+    now: int,
+) -> bool:
+    """A running job back to ``queued``, its open attempt ended; False when it was not running
+    (or not held by ``worker_id``)."""
+    row = await job_row(db, job_id)
+    if row["state"] != JobState.RUNNING or (worker_id is not None and row["lease_owner"] != worker_id):
+        return False
+    await end_attempts(db, job_id, attempt_state, error, now)
+    await db.execute("UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
+                     "WHERE id = ?", (now, job_id))
+    await event(db, job_id, row["tenant"], EventType.QUEUED, {"reason": reason}, now)
+    return True
+
+
+async def end_attempt(
+    db: aiosqlite.Connection, job_id: str, n: int, state: AttemptState, error: Mapping[str, Any] | None, now: int
+) -> bool:
+    cursor = await db.execute(
+        "UPDATE attempts SET state = ?, ended_us = ?, error = ? WHERE job_id = ? AND n = ? AND state = 'running'",
+        (state.value, now, None if error is None else dumps(error), job_id, n))
+    return cursor.rowcount == 1
+
+
+async def record_output(
+    db: aiosqlite.Connection, job_id: str, name: str, sha256: str, size: int, content_type: str, now: int
+) -> None:
+    """Name a stored blob as the job's output ``name`` (replacing one of that name)."""
+    row = await job_row(db, job_id)
+    if JobState(row["state"]).final:
+        raise JobNotRunning(job_id, row["state"])
+    await db.execute(
+        "INSERT INTO outputs (job_id, name, sha256, size, content_type, created_us) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (job_id, name) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size, "
+        "content_type = excluded.content_type, created_us = excluded.created_us",
+        (job_id, name, sha256, size, content_type, now))
+
+
+async def upsert_step(
+    db: aiosqlite.Connection, job_id: str, name: str, state: StepState, outputs_json: str, data_json: str, now: int
+) -> None:
+    await job_row(db, job_id)
+    await db.execute(
+        "INSERT INTO steps (job_id, name, state, updated_us, outputs, data) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (job_id, name) DO UPDATE SET state = excluded.state, updated_us = excluded.updated_us, "
+        "outputs = excluded.outputs, data = excluded.data",
+        (job_id, name, state.value, now, outputs_json, data_json))

@@ -1,0 +1,207 @@
+"""The durable job store, as a protocol every implementation satisfies (SQLite now, PostgreSQL later).
+
+Two kinds of caller use it. The API answers a tenant: its calls take ``tenant`` and never show
+another tenant's jobs (``get_job`` answers None, ``cancel_job`` and the output calls raise
+``JobNotFound``/``OutputNotFound``). Workers and the start-up reconciler act on a job id they were
+handed by ``claim_next`` or ``running_jobs``.
+
+Guarantees an implementation must keep (``tests/store/test_contract.py`` checks each):
+
+* ``create_job`` returns only after the job is durably committed: the API answers 202 after it.
+  The same ``(tenant, idempotency_key)`` with the same canonical body is the same job, however many
+  callers race; another body raises ``IdempotencyConflict``.
+* ``claim_next`` hands each queued job to one worker; a lease that ran out makes the job claimable
+  again (its open attempt is left for the new holder to reconcile).
+* A job reaches a final state once: ``complete_job`` / ``fail_job`` / ``cancel_job`` on a job that
+  already ended return False and change nothing.
+* The store's own lifecycle events are written in the transaction of the change they report, and
+  ``seq`` grows in commit order: ``events_since(tenant, seq)`` returns exactly what came after.
+* Outputs are stored by content (``BlobStore``); the same bytes lie on disk once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
+from typing import Any, Protocol
+
+from comfy_orchestrator.store.types import (
+    AttemptRecord,
+    AttemptState,
+    EventRecord,
+    JobKind,
+    JobRecord,
+    JobState,
+    OutputRecord,
+    Page,
+    StepRecord,
+    StepState,
+)
+
+__all__ = ["JobStore"]
+
+
+class JobStore(Protocol):
+    """Jobs, attempts, steps, events and outputs, durably. All methods are coroutines."""
+
+    async def close(self) -> None:
+        """Release connections; further calls raise ``StoreClosed``. Idempotent."""
+
+    # -- the API's side ------------------------------------------------------------------------
+
+    async def create_job(
+        self,
+        tenant: str,
+        kind: JobKind | str,
+        spec: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        max_active: int | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue a job, committed before this returns; ``(job, True)``. With a key the tenant used
+        before: ``(that job, False)`` when the body is the same, ``IdempotencyConflict`` otherwise.
+        With ``max_active``, raise ``QueueFull`` when the tenant already has that many queued or
+        running jobs (checked in the same transaction, so racing callers cannot overshoot)."""
+        ...
+
+    async def get_job(self, tenant: str, job_id: str) -> JobRecord | None:
+        """The tenant's job, or None (unknown, or another tenant's)."""
+        ...
+
+    async def list_jobs(
+        self,
+        tenant: str,
+        *,
+        states: Collection[JobState] | None = None,
+        labels: Mapping[str, str] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[JobRecord]:
+        """The tenant's jobs, newest first, keyset-paged on (created, id): a page never repeats or
+        skips a job that existed when the listing began, whatever is created meanwhile."""
+        ...
+
+    async def count_active(self, tenant: str) -> int:
+        """How many of the tenant's jobs are queued or running."""
+        ...
+
+    async def cancel_job(self, tenant: str, job_id: str) -> bool:
+        """Cancel a queued or running job (its open attempt ends ``cancelled``; the worker sees it
+        when ``renew_lease`` answers False). False when it had already ended."""
+        ...
+
+    async def events_since(
+        self,
+        tenant: str,
+        seq: int,
+        *,
+        job_ids: Collection[str] | None = None,
+        limit: int = 1000,
+    ) -> list[EventRecord]:
+        """The tenant's events with a sequence number above ``seq``, in order (at most ``limit``)."""
+        ...
+
+    async def latest_seq(self, tenant: str) -> int:
+        """The tenant's last event's sequence number (0 before any): where a fresh subscriber starts."""
+        ...
+
+    async def get_output(self, tenant: str, job_id: str, name: str) -> OutputRecord | None: ...
+
+    async def list_outputs(self, tenant: str, job_id: str) -> list[OutputRecord]: ...
+
+    async def open_output(
+        self, tenant: str, job_id: str, name: str, *, chunk_size: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The output's bytes, streamed; raises ``OutputNotFound`` before the first chunk."""
+        ...
+
+    # -- the workers' side ---------------------------------------------------------------------
+
+    async def claim_next(self, worker_id: str, *, lease_s: float) -> JobRecord | None:
+        """Move the oldest claimable job to ``running`` under a lease held by ``worker_id`` until now
+        + ``lease_s``; None when there is none. Claimable: a queued job, or a running one whose
+        lease ran out (its worker is presumed dead; the job's open attempt, if any, stays for the
+        new holder to reconcile). No two callers ever get the same claim."""
+        ...
+
+    async def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float) -> bool:
+        """Extend the lease; False when the worker no longer holds the job (it ended, was cancelled,
+        released, or reclaimed after the lease ran out): stop working on it."""
+        ...
+
+    async def take_over(self, job_id: str, worker_id: str, *, lease_s: float) -> bool:
+        """Give a running job's lease to ``worker_id`` whoever held it (start-up reconciliation
+        adopting what the previous process left running). False when the job is not running."""
+        ...
+
+    async def release(
+        self,
+        job_id: str,
+        *,
+        worker_id: str | None = None,
+        attempt_state: AttemptState = AttemptState.ABANDONED,
+        error: Mapping[str, Any] | None = None,
+        reason: str = "released",
+    ) -> bool:
+        """Put a running job back in the queue (shutdown, or a prompt the backend lost); its open
+        attempt ends with ``attempt_state``. With ``worker_id``, only if that worker holds it.
+        False when the job was not running (or not held by ``worker_id``)."""
+        ...
+
+    async def start_attempt(
+        self, job_id: str, backend: str, prompt_id: str, *, step: str | None = None
+    ) -> AttemptRecord:
+        """Record an attempt *before* its prompt is submitted (so a restarted service can ask the
+        backend about ``prompt_id``). Raises ``JobNotRunning`` unless the job is running."""
+        ...
+
+    async def finish_attempt(
+        self, job_id: str, n: int, state: AttemptState, *, error: Mapping[str, Any] | None = None
+    ) -> bool:
+        """End attempt ``n``; False when it had already ended."""
+        ...
+
+    async def list_attempts(self, job_id: str) -> list[AttemptRecord]: ...
+
+    async def complete_job(
+        self, job_id: str, result: Mapping[str, Any], outputs: Sequence[OutputRecord] = ()
+    ) -> bool:
+        """Mark the job succeeded with ``result`` (its open attempt ends ``succeeded``; the event
+        names ``outputs``). False, changing nothing, when the job had already ended."""
+        ...
+
+    async def fail_job(self, job_id: str, error: Mapping[str, Any]) -> bool:
+        """Mark the job failed; False, changing nothing, when it had already ended."""
+        ...
+
+    async def running_jobs(self, *, lease_expired: bool = False) -> list[tuple[JobRecord, AttemptRecord | None]]:
+        """Running jobs with their latest attempt, oldest first, for start-up reconciliation. With
+        ``lease_expired`` only those whose lease ran out (when other live workers share the store)."""
+        ...
+
+    async def append_event(self, job_id: str, type: str, data: Mapping[str, Any] | None = None) -> EventRecord:
+        """Store an event of the job (progress, previews, step events…) under the next sequence number."""
+        ...
+
+    async def save_output(
+        self,
+        job_id: str,
+        name: str,
+        data: bytes | AsyncIterable[bytes],
+        content_type: str = "application/octet-stream",
+    ) -> OutputRecord:
+        """Store a file the job produced (streamed, content-addressed) under ``name``, replacing an
+        output of that name. Raises ``JobNotRunning`` when the job already ended."""
+        ...
+
+    async def upsert_step(
+        self,
+        job_id: str,
+        name: str,
+        state: StepState,
+        *,
+        outputs: Sequence[str] = (),
+        data: Mapping[str, Any] | None = None,
+    ) -> StepRecord: ...
+
+    async def list_steps(self, job_id: str) -> list[StepRecord]: ...

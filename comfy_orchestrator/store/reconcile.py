@@ -1,0 +1,245 @@
+"""Start-up reconciliation: settle every job the store says is running with the backend it ran on.
+
+The orchestrator chose each prompt id and stored it (``start_attempt``) before submitting, so it
+can ask the backend what became of the prompt:
+
+    in the backend's queue (pending or running)  → follow: resubscribe to it (lease taken over)
+    in the backend's /history, succeeded         → collect its outputs, complete the job
+    in the backend's /history, error/interrupted → fail the job
+    unknown (restarted), unreachable, or its
+    backend is no longer configured              → resubmit (by default: back in the queue,
+                                                   the attempt marked ``lost``)
+    no prompt in flight (claimed, not submitted)  → back in the queue
+
+The queue is asked before /history: ComfyUI writes the history entry and drops the prompt from its
+queue in one step, so a prompt found in neither has not run to completion. A pipeline's attempt
+(``attempt.step`` set) that finished records the step and is followed by the pipeline runner, which
+resumes from the recorded steps. Completion goes through ``complete_job``, which ends a job once:
+a worker racing the reconciler cannot complete it twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import mimetypes
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from comfy_orchestrator.errors import BackendError, ComfyTimeout
+from comfy_orchestrator.protocol import FileRef, HistoryEntry, QueueState
+from comfy_orchestrator.store.base import JobStore
+from comfy_orchestrator.store.errors import JobNotRunning
+from comfy_orchestrator.store.types import AttemptRecord, AttemptState, JobRecord, OutputRecord, StepState
+
+__all__ = [
+    "BackendClient",
+    "Outcome",
+    "ReconcileReport",
+    "Reconciled",
+    "Resubmit",
+    "collect_outputs",
+    "reconcile_job",
+    "reconcile_running",
+    "requeue_lost",
+]
+
+log = logging.getLogger(__name__)
+
+
+class BackendClient(Protocol):
+    """What reconciliation asks of a backend (``ComfyClient`` fits)."""
+
+    async def history(self, prompt_id: str) -> HistoryEntry | None: ...
+
+    async def queue(self) -> QueueState: ...
+
+    def iter_download(self, ref: FileRef, *, chunk_size: int = ...) -> AsyncIterator[bytes]: ...
+
+
+Resubmit = Callable[[JobRecord, AttemptRecord | None, str], Awaitable[None]]
+"""Called with the job, its lost attempt and why; puts the job back in line (see ``requeue_lost``)."""
+
+
+class Outcome(enum.StrEnum):
+    """What reconciliation did with one running job."""
+
+    FOLLOW = "follow"  # still queued or running on its backend: resubscribe (the lease is ours now)
+    COMPLETED = "completed"  # it had finished: outputs collected, job succeeded
+    FAILED = "failed"  # it had ended with an error or was interrupted: job failed
+    STEP_DONE = "step_done"  # a pipeline step's prompt had ended: step recorded, the pipeline resumes
+    RESUBMITTED = "resubmitted"  # unknown to its backend (or the backend is gone): handed to ``resubmit``
+    REQUEUED = "requeued"  # no prompt was in flight: back in the queue
+    ALREADY_ENDED = "already_ended"  # the job ended meanwhile (another worker finished it): nothing changed
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    job: JobRecord
+    attempt: AttemptRecord | None
+    outcome: Outcome
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """One entry per running job found, in the store's order (oldest first)."""
+
+    items: tuple[Reconciled, ...] = ()
+
+    def of(self, outcome: Outcome) -> tuple[Reconciled, ...]:
+        return tuple(item for item in self.items if item.outcome is outcome)
+
+    @property
+    def follow(self) -> tuple[Reconciled, ...]:
+        """The jobs to resubscribe to: ``(item.job, item.attempt)`` names backend and prompt id."""
+        return self.of(Outcome.FOLLOW)
+
+    def counts(self) -> dict[str, int]:
+        return {outcome.value: len(self.of(outcome)) for outcome in Outcome if self.of(outcome)}
+
+
+def requeue_lost(store: JobStore) -> Resubmit:
+    """The default ``resubmit``: the job goes back to the queue and its attempt is marked lost."""
+
+    async def resubmit(job: JobRecord, attempt: AttemptRecord | None, reason: str) -> None:
+        error = {"type": "PromptLost", "message": reason}
+        if attempt is not None:
+            error.update(backend=attempt.backend, prompt_id=attempt.prompt_id)
+        await store.release(job.id, attempt_state=AttemptState.LOST, error=error, reason=f"resubmitted: {reason}")
+
+    return resubmit
+
+
+async def reconcile_running(
+    store: JobStore,
+    clients: Mapping[str, BackendClient],
+    *,
+    resubmit: Resubmit | None = None,
+    worker_id: str = "reconciler",
+    lease_s: float = 60.0,
+    lease_expired: bool = False,
+) -> ReconcileReport:
+    """Settle every running job (see the module docstring). ``clients`` maps backend names, as
+    stored in attempts, to clients; followed jobs are leased to ``worker_id`` for ``lease_s``.
+    ``lease_expired`` limits it to jobs whose lease ran out (other live workers share the store)."""
+    queues: dict[str, QueueState] = {}
+    items = []
+    for job, attempt in await store.running_jobs(lease_expired=lease_expired):
+        items.append(await reconcile_job(store, job, attempt, clients, resubmit=resubmit, worker_id=worker_id,
+                                         lease_s=lease_s, queues=queues))
+    report = ReconcileReport(tuple(items))
+    if items:
+        log.info("reconciled %d running jobs: %s", len(items), report.counts())
+    return report
+
+
+async def reconcile_job(
+    store: JobStore,
+    job: JobRecord,
+    attempt: AttemptRecord | None,
+    clients: Mapping[str, BackendClient],
+    *,
+    resubmit: Resubmit | None = None,
+    worker_id: str = "reconciler",
+    lease_s: float = 60.0,
+    queues: dict[str, QueueState] | None = None,
+) -> Reconciled:
+    """Settle one running job with its latest attempt (also what a worker does with a job it
+    reclaimed after a lease ran out). ``queues`` caches each backend's /queue across calls."""
+    resubmit = resubmit or requeue_lost(store)
+    if attempt is None or attempt.state not in (AttemptState.RUNNING, AttemptState.SUCCEEDED):
+        released = await store.release(job.id, reason="no prompt in flight")
+        return _done(job, attempt, Outcome.REQUEUED if released else Outcome.ALREADY_ENDED, "no prompt in flight")
+    client = clients.get(attempt.backend)
+    if client is None:
+        reason = f"backend {attempt.backend} is not configured"
+        await resubmit(job, attempt, reason)
+        return _done(job, attempt, Outcome.RESUBMITTED, reason)
+    try:
+        queue = (queues or {}).get(attempt.backend)
+        if queue is None:
+            queue = await client.queue()
+            if queues is not None:
+                queues[attempt.backend] = queue
+        if attempt.prompt_id in queue:
+            taken = await store.take_over(job.id, worker_id, lease_s=lease_s)
+            return _done(job, attempt, Outcome.FOLLOW if taken else Outcome.ALREADY_ENDED, "in the backend's queue")
+        entry = await client.history(attempt.prompt_id)
+        if entry is None:
+            reason = f"prompt {attempt.prompt_id} is unknown to {attempt.backend}"
+        else:
+            return await _settle(store, job, attempt, client, entry, worker_id, lease_s)
+    except JobNotRunning:  # cancelled or finished by someone else while we collected
+        return _done(job, attempt, Outcome.ALREADY_ENDED, "ended while being reconciled")
+    except (BackendError, ComfyTimeout) as exc:
+        reason = f"backend {attempt.backend} unreachable: {exc}"
+    await resubmit(job, attempt, reason)
+    return _done(job, attempt, Outcome.RESUBMITTED, reason)
+
+
+async def _settle(
+    store: JobStore,
+    job: JobRecord,
+    attempt: AttemptRecord,
+    client: BackendClient,
+    entry: HistoryEntry,
+    worker_id: str,
+    lease_s: float,
+) -> Reconciled:
+    """The prompt ended on its backend while nobody watched: record how."""
+    error = _history_error(entry)
+    if attempt.step is not None:
+        outputs = [] if error else await collect_outputs(store, client, job.id, entry)
+        await store.upsert_step(job.id, attempt.step, StepState.FAILED if error else StepState.SUCCEEDED,
+                                outputs=[o.name for o in outputs], data={"error": error} if error else None)
+        await store.finish_attempt(job.id, attempt.n, AttemptState.FAILED if error else AttemptState.SUCCEEDED,
+                                   error=error)
+        taken = await store.take_over(job.id, worker_id, lease_s=lease_s)
+        return _done(job, attempt, Outcome.STEP_DONE if taken else Outcome.ALREADY_ENDED, f"step {attempt.step}")
+    if error is not None:
+        changed = await store.fail_job(job.id, error)
+        return _done(job, attempt, Outcome.FAILED if changed else Outcome.ALREADY_ENDED, error["message"])
+    outputs = await collect_outputs(store, client, job.id, entry)
+    result = {"backend": attempt.backend, "prompt_id": attempt.prompt_id, "outputs": [o.name for o in outputs],
+              "text": {node: list(out.text) for node, out in entry.outputs.items() if out.text}}
+    changed = await store.complete_job(job.id, result, outputs)
+    return _done(job, attempt, Outcome.COMPLETED if changed else Outcome.ALREADY_ENDED, "finished on the backend")
+
+
+async def collect_outputs(
+    store: JobStore, client: BackendClient, job_id: str, entry: HistoryEntry
+) -> list[OutputRecord]:
+    """Stream each output file of a finished prompt (``type == "output"``; previews are skipped)
+    from the backend into the store, named ``<node id>/<file name>``."""
+    saved = []
+    for node_id, output in entry.outputs.items():
+        for ref in output.files:
+            if ref.type != "output":
+                continue
+            name = f"{node_id}/{ref.filename}"
+            content_type = mimetypes.guess_type(ref.filename)[0] or "application/octet-stream"
+            saved.append(await store.save_output(job_id, name, client.iter_download(ref), content_type))
+    return saved
+
+
+def _history_error(entry: HistoryEntry) -> dict[str, Any] | None:
+    if entry.error is not None:
+        e = entry.error
+        return {"type": "ExecutionFailed", "message": f"node {e.node_id} ({e.node_type}) raised {e.exception_type}: "
+                f"{e.exception_message.strip()}", "node_id": e.node_id, "node_type": e.node_type,
+                "exception_type": e.exception_type, "prompt_id": entry.prompt_id}
+    if entry.interrupted is not None:
+        return {"type": "JobCancelled", "message": f"prompt {entry.prompt_id} was interrupted on its backend",
+                "prompt_id": entry.prompt_id}
+    if entry.status != "success":
+        return {"type": "ExecutionFailed", "message": f"prompt {entry.prompt_id} ended with status {entry.status!r}",
+                "prompt_id": entry.prompt_id}
+    return None
+
+
+def _done(job: JobRecord, attempt: AttemptRecord | None, outcome: Outcome, reason: str) -> Reconciled:
+    log.info("job %s (%s): %s — %s", job.id, f"prompt {attempt.prompt_id} on {attempt.backend}" if attempt
+             else "no attempt", outcome.value, reason)
+    return Reconciled(job, attempt, outcome, reason)
