@@ -8,8 +8,12 @@ answers), all on real sockets in this process:
   efficiency = measured throughput / ideal throughput (N / 0.2 s). Target ≥ 0.95.
 * ``mixed``: four doubles, 1×, 1×, 2× and 4× slower (200, 200, 400, 800 ms): efficiency against the
   ideal sum of their throughputs (Σ 1/tᵢ). Target ≥ 0.90. Side by side, the same jobs split statically
-  round-robin (job i → double i mod 4, each double's share run back to back with its own
-  ``ComfyClient``), the baseline pull dispatch replaces.
+  round-robin (job i → double i mod 4, each double's share run with its own ``ComfyClient``, as many
+  prompts at a time as the pool keeps per backend), the baseline pull dispatch replaces.
+
+The doubles run in their own processes; their own time per prompt (request handling, validation,
+the PNG) is measured first, with a queue that never runs dry, and taken off their node delays, so
+that one prompt really takes 200 ms (``calibration`` in the output shows the check).
 
 Prints JSON.
 
@@ -56,29 +60,36 @@ class Double:
     url: str
 
 
-async def serve(name: str, node_delay: float) -> None:
-    """The ``--serve`` mode: one double in this process until stdin closes; prints its URL first."""
-    async with FakeComfyUI(name=name, models={}, node_delay=node_delay) as double:
-        print(double.url, flush=True)
+async def serve(specs: Sequence[str]) -> None:
+    """The ``--serve NAME=NODE_DELAY ...`` mode: these doubles in this process until stdin closes;
+    prints their URLs first, one a line."""
+    async with AsyncExitStack() as stack:
+        for spec in specs:
+            name, _, delay = spec.partition("=")
+            double = await stack.enter_async_context(FakeComfyUI(name=name, models={}, node_delay=float(delay)))
+            print(double.url, flush=True)
         await asyncio.to_thread(sys.stdin.read)
 
 
 async def start_doubles(stack: AsyncExitStack, prompt_seconds: Sequence[float], overhead: float) -> list[Double]:
-    """One double per process, so that their work does not share the event loop (or the core) of the
+    """Each double in a process of its own, so that their work does not share the event loop of the
     pool under test. ``overhead`` (the double's own time per prompt) is taken off the node delays, so
     that one prompt takes ``prompt_seconds`` in all."""
+    specs = [
+        (f"double-{i}-{round(seconds * 1000)}ms", max(0.0, seconds - overhead) / NODES_PER_PROMPT)
+        for i, seconds in enumerate(prompt_seconds)
+    ]
     doubles = []
-    for i, seconds in enumerate(prompt_seconds):
-        name = f"double-{i}-{round(seconds * 1000)}ms"
-        node_delay = max(0.0, seconds - overhead) / NODES_PER_PROMPT
+    for group in ([spec] for spec in specs):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--serve", name, str(node_delay),
+            sys.executable, __file__, "--serve", *(f"{name}={delay}" for name, delay in group),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         stack.push_async_callback(stop, proc)
         assert proc.stdout is not None
-        url = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
-        doubles.append(Double(name, url))
+        for name, _ in group:
+            url = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+            doubles.append(Double(name, url))
     return doubles
 
 
@@ -113,12 +124,14 @@ async def saturated_seconds(url: str, prompts: int) -> float:
 
 
 async def calibrate(prompt: float, quick: bool) -> dict[str, float]:
-    """The double's own time per prompt (no node delay), and the cycle of a calibrated double."""
+    """The double's own time per prompt on top of its node delays (measured with its queue never
+    empty, so nothing of a client's or the pool's counts), and the cycle of the calibrated double."""
+    prompts = 8 if quick else 50
     async with AsyncExitStack() as stack:
-        (bare,) = await start_doubles(stack, [0.0], 0.0)
-        overhead = await saturated_seconds(bare.url, 40 if quick else 200)
+        (plain,) = await start_doubles(stack, [prompt], 0.0)
+        overhead = max(0.0, await saturated_seconds(plain.url, prompts) - prompt)
         (calibrated,) = await start_doubles(stack, [prompt], overhead)
-        cycle = await saturated_seconds(calibrated.url, 8 if quick else 25)
+        cycle = await saturated_seconds(calibrated.url, prompts)
     return {"double_overhead_ms": round(overhead * 1000, 2), "calibrated_cycle_ms": round(cycle * 1000, 2),
             "overhead": overhead}
 
@@ -140,7 +153,9 @@ async def run_pool(prompt_seconds: Sequence[float], jobs: int, max_in_flight: in
     return out
 
 
-async def run_round_robin(prompt_seconds: Sequence[float], jobs: int, overhead: float) -> dict[str, Any]:
+async def run_round_robin(
+    prompt_seconds: Sequence[float], jobs: int, max_in_flight: int, overhead: float
+) -> dict[str, Any]:
     ideal = jobs / sum(1.0 / s for s in prompt_seconds)
     async with AsyncExitStack() as stack:
         doubles = await start_doubles(stack, prompt_seconds, overhead)
@@ -149,8 +164,13 @@ async def run_round_robin(prompt_seconds: Sequence[float], jobs: int, overhead: 
         shares = [[job_graph() for _ in range(i, jobs, len(clients))] for i in range(len(clients))]
 
         async def run_share(client: ComfyClient, graphs: list[dict[str, Any]]) -> None:
-            for graph in graphs:
-                await client.run(graph)
+            slots = asyncio.Semaphore(max_in_flight)  # as many prompts on the server as the pool keeps
+
+            async def one(graph: dict[str, Any]) -> None:
+                async with slots:
+                    await client.run(graph)
+
+            await asyncio.gather(*(one(g) for g in graphs))
 
         started = time.perf_counter()
         await asyncio.gather(*(run_share(c, s) for c, s in zip(clients, shares, strict=True)))
@@ -162,13 +182,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=400, help="jobs per measurement (400)")
     parser.add_argument("--prompt-ms", type=float, default=200.0, help="time of one prompt on a 1× double (200)")
-    parser.add_argument("--max-in-flight", type=int, default=1, help="pool slots per backend (1)")
+    parser.add_argument("--max-in-flight", type=int, default=2, help="pool slots per backend (2)")
     parser.add_argument("--sizes", default="1,2,4,8", help="pool sizes of the uniform runs (1,2,4,8)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32 jobs of 100 ms")
-    parser.add_argument("--serve", nargs=2, metavar=("NAME", "NODE_DELAY"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs="+", metavar="NAME=NODE_DELAY", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        await serve(args.serve[0], float(args.serve[1]))
+        await serve(args.serve)
         return
     jobs, prompt = (32, 0.1) if args.quick else (args.jobs, args.prompt_ms / 1000)
     slowdowns = (1, 1, 2, 4)
@@ -181,7 +201,7 @@ async def main() -> None:
         uniform.append({"backends": n, **row})
     mixed_seconds = [prompt * k for k in slowdowns]
     mixed_pool = await run_pool(mixed_seconds, jobs, args.max_in_flight, overhead)
-    mixed_rr = await run_round_robin(mixed_seconds, jobs, overhead)
+    mixed_rr = await run_round_robin(mixed_seconds, jobs, args.max_in_flight, overhead)
 
     report = {
         "benchmark": "fanout",

@@ -106,13 +106,17 @@ class Backend:
         self.mean_seconds = seconds if prev is None else prev + _SPEED_WEIGHT * (seconds - prev)
 
     def backlog(self, now: float) -> float | None:
-        """Estimated seconds until the prompts it holds are done (None while its speed is unknown)."""
+        """Estimated seconds until the prompts it holds are done; None while its speed is unknown, or
+        when they take far longer than they should (a slow model load, a hang: no estimate)."""
         mean = self.mean_seconds
         if mean is None:
             return None
         if not self._taken:
             return 0.0
-        return max(0.0, len(self._taken) * mean - (now - self._taken[0]))
+        expected, elapsed = len(self._taken) * mean, now - self._taken[0]
+        if elapsed > 2 * expected + 1.0:
+            return None
+        return max(0.0, expected - elapsed)
 
     # -- health and capabilities ---------------------------------------------------------------------
 

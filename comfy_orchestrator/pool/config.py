@@ -18,8 +18,10 @@ class BackendConfig:
     name: unique in the pool; events, results and statistics name the backend by it.
     url: the server's base URL (``http://gpu-box:8188``).
     headers: sent with every request, e.g. ``{"Authorization": "Bearer …"}`` for a server behind a proxy.
-    max_in_flight: prompts the pool keeps on this server at once. ComfyUI runs one prompt at a time, so
-        1 is right for a plain server; 2 hides the gap between two prompts at the cost of a coarser split.
+    max_in_flight: prompts the pool keeps on this server at once (queued there or running). ComfyUI
+        runs one prompt at a time: with 1 the server idles for a round trip between two prompts; with 2
+        the next one waits on the server, so it never idles (the dispatcher keeps a slow backend from
+        hoarding the last jobs of a batch, see ``dispatch``).
     timeouts: the client's deadlines for this server (``None``: ``Timeouts()``); ``stall`` is the
         watchdog that turns a hung prompt into a failover.
     """

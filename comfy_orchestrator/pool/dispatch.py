@@ -8,14 +8,18 @@ The rule a free slot follows, in queue order (oldest first; a retried job keeps 
 2. skip a job that already failed here while another eligible backend that can run it exists (it
    waits for that one, busy or not; with nothing else able to run it, it comes back here);
 3. model affinity: skip a job whose model (checkpoint / diffusion model) differs from the one this
-   backend ran last when another *idle* backend that can run it ran exactly that model last — that
-   one takes it in the same pass. A job never waits for a *busy* affine backend: an idle backend
-   loading a model costs seconds, a queue that waits for a busy one can cost a whole job;
-4. the tail: skip a job when the other backends that can run it would finish it and every other job
-   queued for this one before this one could finish it (estimated from each backend's moving mean execution time and
-   what it already holds). With a long queue this never holds; at the end of a batch it keeps a
-   4× slower backend from starting the last job that a fast one finishes sooner, and it lets a
-   backend hold two prompts (``max_in_flight=2``, no idle gap between prompts) without hoarding.
+   backend ran last when another *idle* backend that can run it ran exactly that model last and
+   would take it (rule 4 does not send it elsewhere) — that one takes it in the same pass. A job
+   never waits for a *busy* affine backend: an idle backend loading a model costs seconds, a queue
+   that waits for a busy one can cost a whole job;
+4. the tail: skip a job when the other backends that can run it would clearly (in under
+   ``TAIL_MARGIN`` of the time) finish it and every other job queued for this one before this one
+   could finish it, estimated from each backend's moving mean execution time and what it holds (a
+   backend whose prompts are overdue counts for nothing). With a long queue this never holds; at the
+   end of a batch it keeps a 4× slower backend from starting the last job that a fast one finishes
+   sooner, and it lets a backend hold two prompts (``max_in_flight=2``: no idle gap between two
+   prompts) without hoarding. While a job waits so, the queue is looked at again every
+   ``REPUMP_DELAY`` seconds, as the estimates move with time.
 
 Free slots are offered jobs least-loaded backend first, then the one that has been fastest. A slot
 is held from dispatch until the server reports the prompt executed (``execution_success``): the
@@ -33,7 +37,10 @@ from collections.abc import Mapping
 from comfy_orchestrator.pool.backend import Backend
 from comfy_orchestrator.pool.jobs import Job
 
-__all__ = ["Dispatcher", "Slot"]
+__all__ = ["REPUMP_DELAY", "TAIL_MARGIN", "Dispatcher", "Slot"]
+
+TAIL_MARGIN = 0.8
+REPUMP_DELAY = 0.1
 
 
 class Slot:
@@ -67,6 +74,8 @@ class Dispatcher:
     def __init__(self, backends: Mapping[str, Backend]) -> None:
         self._backends = backends  # the pool's live mapping
         self._queue: list[Job] = []
+        self._deferred = False  # rule 4 held a job back in the last pump
+        self._repump: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -105,6 +114,7 @@ class Dispatcher:
 
     def pump(self) -> None:
         """Give queued jobs to free slots until no free slot wants any queued job."""
+        self._deferred = False
         while self._queue:
             free = sorted(
                 (b for b in self._backends.values() if b.can_take()),
@@ -119,7 +129,18 @@ class Dispatcher:
                     job.assignment.set_result(backend)
                     break
             else:
-                return
+                break
+        if self._deferred and self._repump is None:
+            self._repump = asyncio.get_running_loop().call_later(REPUMP_DELAY, self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._repump = None
+        self.pump()
+
+    def close(self) -> None:
+        if self._repump is not None:
+            self._repump.cancel()
+            self._repump = None
 
     def _next_for(self, backend: Backend, free: list[Backend]) -> Job | None:
         others = [b for b in self._backends.values() if b is not backend and b.eligible()]
@@ -137,12 +158,16 @@ class Dispatcher:
                 job.model is not None
                 and backend.last_model != job.model
                 and any(
-                    b.last_model == job.model and b.name not in job.avoid and job.fits(b.name, b.capabilities)
+                    b.last_model == job.model
+                    and b.name not in job.avoid
+                    and job.fits(b.name, b.capabilities)
+                    and not self._others_finish_first(b, job)
                     for b in idle_others
                 )
             ):
                 continue
             if self._others_finish_first(backend, job):
+                self._deferred = True
                 continue
             return job
         return None
@@ -153,10 +178,15 @@ class Dispatcher:
         backlog, mean = backend.backlog(now), backend.mean_seconds
         if backlog is None or mean is None:
             return False
-        finish = backlog + mean
+        finish = (backlog + mean) * TAIL_MARGIN
         capacity = 0
         for other in self._backends.values():
-            if other is backend or not other.eligible() or not job.fits(other.name, other.capabilities):
+            if (
+                other is backend
+                or other.name in job.avoid
+                or not other.eligible()
+                or not job.fits(other.name, other.capabilities)
+            ):
                 continue
             other_backlog, other_mean = other.backlog(now), other.mean_seconds
             if other_backlog is None or not other_mean:
@@ -175,15 +205,10 @@ class Dispatcher:
     def unroutable(self, job: Job) -> dict[str, list[str]] | None:
         """What each backend lacks for ``job`` when none can ever run it (None while one can, or
         might: a backend whose capabilities are not known yet counts as might)."""
-        missing: dict[str, list[str]] = {}
-        for backend in self._backends.values():
-            if backend.removed or backend.draining or not job.allowed_on(backend.name):
-                continue
-            caps = backend.capabilities
-            if caps is None:
+        considered = [
+            b for b in self._backends.values() if not b.removed and not b.draining and job.allowed_on(b.name)
+        ]
+        for backend in considered:
+            if backend.capabilities is None or job.fits(backend.name, backend.capabilities):
                 return None
-            lacking = caps.missing(job.requirements)
-            if not lacking:
-                return None
-            missing[backend.name] = lacking
-        return missing
+        return {b.name: b.capabilities.missing(job.requirements) for b in considered if b.capabilities is not None}

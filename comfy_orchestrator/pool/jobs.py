@@ -6,11 +6,12 @@ import asyncio
 import enum
 import hashlib
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from comfy_orchestrator.client import GraphLike
 from comfy_orchestrator.config import RunResult
 from comfy_orchestrator.errors import (
     BackendError,
@@ -20,6 +21,7 @@ from comfy_orchestrator.errors import (
     GraphError,
     JobCancelled,
 )
+from comfy_orchestrator.graph import Graph
 from comfy_orchestrator.pool.routing import Capabilities, Requirements
 
 __all__ = ["Attempt", "FailureKind", "Job", "PoolResult", "Upload", "classify"]
@@ -128,13 +130,38 @@ class Job:
         self.avoid: set[str] = set()  # backends it failed on: taken there only when nothing else can
         self.oom_retried = False
         self.cancel_requested = False
-        self.running_on: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.assignment: asyncio.Future[Any] | None = None
         self.finished = asyncio.Event()
         self.result: PoolResult | None = None
         self.error: BaseException | None = None
         self._fits: dict[str, tuple[Capabilities, bool]] = {}
+
+    @classmethod
+    def create(
+        cls,
+        job_id: str,
+        graph: GraphLike,
+        *,
+        uploads: Mapping[str, bytes] | None,
+        timeout: float | None,
+        backends: Sequence[str] | None,
+        on_event: Callable[[Any], Any] | None,
+        labels: Mapping[str, str] | None,
+    ) -> Job:
+        """A job for ``graph`` (API format, or anything with ``to_dict()``); WorkflowFormatError if it is
+        not an API-format graph."""
+        parsed = Graph(graph.to_dict() if hasattr(graph, "to_dict") else graph)
+        return cls(
+            job_id,
+            parsed.to_dict(),
+            Requirements.of(parsed),
+            uploads=tuple(Upload.of(name, data) for name, data in (uploads or {}).items()),
+            timeout=timeout,
+            backends=frozenset(backends) if backends is not None else None,
+            on_event=on_event,
+            labels=labels or {},
+        )
 
     def allowed_on(self, name: str) -> bool:
         return self.backends is None or name in self.backends

@@ -23,13 +23,12 @@ from typing import Any
 
 from comfy_orchestrator.client import GraphLike
 from comfy_orchestrator.errors import BackendUnavailable, ComfyOrchestratorError, JobCancelled
-from comfy_orchestrator.graph import Graph
 from comfy_orchestrator.pool.backend import Backend, BackendStatus
 from comfy_orchestrator.pool.config import BackendConfig, PoolSettings
 from comfy_orchestrator.pool.dispatch import Dispatcher
 from comfy_orchestrator.pool.events import EventHub, Listener, PoolEvent
-from comfy_orchestrator.pool.jobs import Job, PoolResult, Upload
-from comfy_orchestrator.pool.routing import NoCapableBackend, Requirements
+from comfy_orchestrator.pool.jobs import Job, PoolResult
+from comfy_orchestrator.pool.routing import NoCapableBackend
 from comfy_orchestrator.pool.runner import JobRunner
 from comfy_orchestrator.pool.stats import PoolStats, StatsRecorder
 from comfy_orchestrator.protocol import FileRef
@@ -98,6 +97,7 @@ class Pool:
             task.cancel()
         await asyncio.gather(*self._watchers.values(), *self._tasks, return_exceptions=True)
         await asyncio.gather(*(b.close() for b in self._backends.values()))
+        self._dispatcher.close()
         self._hub.close()
 
     def _check_open(self) -> None:
@@ -198,7 +198,12 @@ class Pool:
         """Queue a job and return its id at once; it runs in the background (see :meth:`run`).
         Raises NoCapableBackend when no backend can run the graph."""
         self._check_open()
-        job = self._new_job(graph, job_id, uploads, timeout, backends, on_event, labels)
+        job_id = job_id or uuid.uuid4().hex
+        if job_id in self._jobs:
+            raise ValueError(f"a job with id {job_id!r} is already running")
+        job = Job.create(job_id, graph, uploads=uploads, timeout=timeout, backends=backends, on_event=on_event,
+                         labels=labels)
+        self._finished.pop(job_id, None)
         missing = self._unroutable(job)
         if missing is not None:
             raise NoCapableBackend(missing, job_id=job.id)
@@ -270,32 +275,6 @@ class Pool:
         if backend is None:
             raise BackendUnavailable(f"backend {result.backend!r} left the pool; its files are out of reach")
         return await backend.client.download(ref)
-
-    def _new_job(
-        self,
-        graph: GraphLike,
-        job_id: str | None,
-        uploads: Mapping[str, bytes] | None,
-        timeout: float | None,
-        backends: Sequence[str] | None,
-        on_event: EventCallback | None,
-        labels: Mapping[str, str] | None,
-    ) -> Job:
-        job_id = job_id or uuid.uuid4().hex
-        if job_id in self._jobs:
-            raise ValueError(f"a job with id {job_id!r} is already running")
-        self._finished.pop(job_id, None)
-        parsed = Graph(graph.to_dict() if hasattr(graph, "to_dict") else graph)
-        return Job(
-            job_id,
-            parsed.to_dict(),
-            Requirements.of(parsed),
-            uploads=tuple(Upload.of(name, data) for name, data in (uploads or {}).items()),
-            timeout=timeout,
-            backends=frozenset(backends) if backends is not None else None,
-            on_event=on_event,
-            labels=labels or {},
-        )
 
     def _job_ended(self, job: Job) -> None:
         self._jobs.pop(job.id, None)

@@ -73,7 +73,6 @@ class JobRunner:
                 error.__cause__ = exc
             elif not isinstance(exc, ComfyOrchestratorError):
                 log.exception("job %s failed unexpectedly", job.id)
-        job.running_on = None
         if result is not None:
             await self.emit(job, EventKind.DONE, backend=result.backend, attempt=len(job.attempts))
         elif isinstance(error, JobCancelled):
@@ -102,7 +101,6 @@ class JobRunner:
         number = len(job.attempts) + 1
         started = time.time()
         prompt_id = str(uuid.uuid4())
-        job.running_on = backend.name
         log.info("job %s: attempt %d on %s (prompt %s)", job.id, number, backend.name, prompt_id)
         try:
             await self.emit(job, EventKind.DISPATCHED, backend=backend.name, attempt=number)
@@ -126,6 +124,10 @@ class JobRunner:
             if outcome is exc:
                 raise
             raise outcome from exc
+        except Exception as exc:  # not one of ours: a bug, or an error nobody mapped; not retried
+            self._record(job, Attempt(backend.name, started, time.time(), repr(exc), FailureKind.EXECUTION))
+            backend.breaker.neutral()
+            raise
         ended = time.time()
         self._record(job, Attempt(backend.name, started, ended))
         backend.breaker.succeeded()

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from comfy_orchestrator.graph import Graph
-from comfy_orchestrator.pool import EventKind, NoCapableBackend, Pool, PoolEvent
+from comfy_orchestrator.pool import EventKind, NoCapableBackend, Pool, PoolEvent, PoolSettings
 from comfy_orchestrator.pool.routing import Capabilities, Requirements
 from comfy_orchestrator.testing import object_info
 from tests.pool.conftest import QUICK, SD15, SDXL, UPSCALER, StartDouble, configs, model_free_graph, sampler_graph
@@ -105,10 +105,12 @@ async def test_model_affinity_keeps_each_model_on_the_backend_that_has_it_loaded
         )
         last = {s.name: s.last_model for s in pool.backends()}
         assert last == {"a": f"checkpoints/{SD15}", "b": f"checkpoints/{SDXL}"}
-        # Queue order puts the SDXL jobs first each round; affinity still sends each to its backend.
+        # Whichever model comes first, and whichever backend is offered it first, each goes to its backend.
         for _ in range(3):
             results = await asyncio.gather(pool.run(sampler_graph(SDXL)), pool.run(sampler_graph(SD15)))
             assert [r.backend for r in results] == ["b", "a"]
+            results = await asyncio.gather(pool.run(sampler_graph(SD15)), pool.run(sampler_graph(SDXL)))
+            assert [r.backend for r in results] == ["a", "b"]
 
 
 async def test_dispatched_event_names_the_backend(start_double: StartDouble) -> None:
@@ -118,3 +120,39 @@ async def test_dispatched_event_names_the_backend(start_double: StartDouble) -> 
         await pool.run(sampler_graph(SD15), on_event=events.append)
     dispatched = [e for e in events if e.kind is EventKind.DISPATCHED]
     assert [(e.backend, e.attempt) for e in dispatched] == [("a", 1)]
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+async def test_the_last_jobs_wait_for_a_fast_backend_rather_than_start_on_a_slow_one(
+    start_double: StartDouble, max_in_flight: int
+) -> None:
+    fast = await start_double("fast", models={}, node_delay=0.03)  # ~0.1 s a job
+    slow = await start_double("slow", models={}, node_delay=0.25)  # ~0.75 s a job
+    async with Pool(configs(fast, slow, max_in_flight=max_in_flight), QUICK) as pool:
+        for _ in range(2):  # the pool learns how fast each one is
+            await asyncio.gather(
+                pool.run(model_free_graph(), backends=["fast"]), pool.run(model_free_graph(), backends=["slow"])
+            )
+        started = time.monotonic()
+        results = await asyncio.gather(*(pool.run(model_free_graph()) for _ in range(3)))
+        elapsed = time.monotonic() - started
+        # Restricted to the slow one, a job still runs there.
+        assert (await pool.run(model_free_graph(), backends=["slow"])).backend == "slow"
+    assert [r.backend for r in results] == ["fast"] * 3
+    assert elapsed < 0.7, elapsed
+
+
+async def test_affinity_gives_way_to_a_clearly_faster_idle_backend(start_double: StartDouble) -> None:
+    both = {"checkpoints": [SD15, SDXL]}
+    fast = await start_double("fast", models=both, step_delay=0.005)
+    slow = await start_double("slow", models=both, step_delay=0.15)
+    settings = PoolSettings(health_interval=30.0)  # no health tick comes to unstick a waiting job
+    async with Pool(configs(fast, slow), settings) as pool:
+        for _ in range(2):
+            await asyncio.gather(
+                pool.run(sampler_graph(SD15), backends=["fast"]), pool.run(sampler_graph(SDXL), backends=["slow"])
+            )
+        started = time.monotonic()
+        result = await pool.run(sampler_graph(SDXL))  # slow ran SDXL last, but fast is done sooner
+        assert time.monotonic() - started < 0.25
+    assert result.backend == "fast"
