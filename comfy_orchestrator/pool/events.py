@@ -41,6 +41,7 @@ class PoolEvent:
     kind: EventKind
     backend: str | None = None
     attempt: int = 0  # 1 for the first attempt; 0 before any
+    prompt_id: str | None = None  # on ``dispatched``: the id the attempt's prompt will be submitted under
     fraction: float | None = None
     node: str | None = None
     nodes: tuple[str, ...] = ()

@@ -103,7 +103,8 @@ class JobRunner:
         prompt_id = str(uuid.uuid4())
         log.info("job %s: attempt %d on %s (prompt %s)", job.id, number, backend.name, prompt_id)
         try:
-            await self.emit(job, EventKind.DISPATCHED, backend=backend.name, attempt=number)
+            # Awaited before the prompt is submitted: a listener can persist the prompt id first.
+            await self.emit(job, EventKind.DISPATCHED, backend=backend.name, attempt=number, prompt_id=prompt_id)
             stored = await backend.put_uploads(job.uploads) if job.uploads else {}
             nodes = rewrite_inputs(job.nodes, stored) if stored else job.nodes
 

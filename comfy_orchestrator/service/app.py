@@ -1,0 +1,143 @@
+"""``create_app(settings)``: the HTTP + WebSocket service as an aiohttp application.
+
+One lifespan (a ``cleanup_ctx`` generator) owns everything with a start and an end:
+
+    start-up   open the store → start the pool → reconcile the jobs a previous process left
+               running → start the workers → ready (``/readyz`` 200)
+    shutdown   draining (``/readyz`` 503, workers stop claiming, event sockets closed) → wait up to
+               ``drain_timeout`` for running jobs → cancel the rest on their backends and release
+               them to the queue → close the pool, the clients and the store
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+
+from comfy_orchestrator.errors import BackendError, ComfyTimeout
+from comfy_orchestrator.graph import load_templates
+from comfy_orchestrator.pool import Pool, PoolSettings
+from comfy_orchestrator.service import events, health, jobs, outputs
+from comfy_orchestrator.service.auth import auth_middleware
+from comfy_orchestrator.service.backends import BackendClients
+from comfy_orchestrator.service.errors import error_middleware
+from comfy_orchestrator.service.keys import (
+    CLIENTS,
+    LIFECYCLE,
+    NOTIFIER,
+    POOL,
+    SETTINGS,
+    SOCKETS,
+    STORE,
+    TEMPLATES,
+)
+from comfy_orchestrator.service.notifier import Notifier
+from comfy_orchestrator.service.settings import ServiceSettings
+from comfy_orchestrator.service.state import Lifecycle, Phase
+from comfy_orchestrator.service.worker import Worker
+from comfy_orchestrator.store import Outcome, SQLiteJobStore, reconcile_running
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: ServiceSettings,
+    *,
+    pool_settings: PoolSettings | None = None,
+    templates_dir: str | Path | None = None,
+) -> web.Application:
+    """The service; run it with ``web.run_app`` or an ``AppRunner``. ``pool_settings`` tunes health
+    checks and retries; ``templates_dir`` overrides where templates come from."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                          client_max_size=settings.limits.max_body_bytes)
+    configs = [b.config() for b in settings.backends]
+    app[SETTINGS] = settings
+    store = SQLiteJobStore(settings.store.path, settings.store.outputs_dir)
+    app[STORE] = store
+    app[POOL] = Pool(configs, pool_settings)
+    app[CLIENTS] = BackendClients(configs)
+    app[TEMPLATES] = load_templates(templates_dir)
+    app[NOTIFIER] = Notifier()
+    app[LIFECYCLE] = Lifecycle()
+    sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+    app[SOCKETS] = sockets
+    for table in (jobs.routes, outputs.routes, events.routes, health.routes):
+        app.router.add_routes(table)
+    app.cleanup_ctx.append(functools.partial(_lifespan, store=store))
+    app.on_shutdown.append(_begin_drain)
+    return app
+
+
+async def _begin_drain(app: web.Application) -> None:
+    """First step of shutdown (before cleanup): unready, stop claiming, close event sockets."""
+    app[LIFECYCLE].drain()
+    app[NOTIFIER].notify()
+    sockets = app[SOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+
+async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIterator[None]:
+    settings, lifecycle = app[SETTINGS], app[LIFECYCLE]
+    pool, clients = app[POOL], app[CLIENTS]
+    async with contextlib.AsyncExitStack() as stack:
+        await store.open()
+        stack.push_async_callback(store.close)
+        stack.push_async_callback(clients.close)
+        await pool.start()
+        stack.push_async_callback(pool.close)
+        await _reconcile(app)
+        instance = uuid.uuid4().hex[:8]
+        templates = app[TEMPLATES]
+        workers = [
+            Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-{n}",
+                   lease_s=settings.server.lease_s)
+            for n in range(settings.server.workers)
+        ]
+        tasks = [asyncio.create_task(w.run(lifecycle.stopping), name=f"worker:{w.worker_id}") for w in workers]
+        lifecycle.phase = Phase.READY
+        log.info("service ready: %d workers, %d backends", len(tasks), len(settings.backends))
+        try:
+            yield
+        finally:
+            lifecycle.drain()
+            app[NOTIFIER].notify()
+            await _stop_workers(tasks, settings.server.drain_timeout)
+
+
+async def _reconcile(app: web.Application) -> None:
+    store, clients = app[STORE], app[CLIENTS]
+    report = await reconcile_running(store, clients)
+    for item in report.follow:  # the pool cannot adopt a prompt it did not submit: take it off, run it again
+        if item.attempt is not None:
+            try:
+                await clients[item.attempt.backend].cancel(item.attempt.prompt_id)
+            except (BackendError, ComfyTimeout) as exc:
+                log.warning("job %s: could not take prompt %s off %s: %s", item.job.id, item.attempt.prompt_id,
+                            item.attempt.backend, exc)
+        await store.release(item.job.id, reason="restarted: resubmitted by the new process")
+        log.info("job %s: was still on %s at start-up; queued again", item.job.id,
+                 item.attempt.backend if item.attempt else "?")
+    if report.items:
+        log.info("start-up reconciliation: %s (followed jobs requeued: %d)", report.counts(),
+                 len(report.of(Outcome.FOLLOW)))
+
+
+async def _stop_workers(tasks: list[asyncio.Task[None]], drain_timeout: float) -> None:
+    _done, pending = await asyncio.wait(tasks, timeout=drain_timeout) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()  # its job is cancelled on its backend and released to the queue
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            log.error("a worker ended with an error: %r", result)

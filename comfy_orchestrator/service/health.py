@@ -1,0 +1,46 @@
+"""``/healthz`` (the process answers), ``/readyz`` (ready for jobs: 503 while starting or draining)
+and ``GET /v1/backends`` (each backend's health, capabilities and load, from the pool)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from comfy_orchestrator.service.keys import LIFECYCLE, POOL
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    lifecycle = request.app[LIFECYCLE]
+    return web.json_response({"status": lifecycle.phase.value}, status=200 if lifecycle.ready else 503)
+
+
+@routes.get("/v1/backends")
+async def backends(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    stats = pool.stats()
+    items = []
+    for status in pool.backends():
+        per = stats.backends.get(status.name)
+        items.append({
+            "name": status.name,
+            "healthy": status.healthy,
+            "draining": status.draining,
+            "breaker": status.breaker.value,
+            "in_flight": status.in_flight,
+            "max_in_flight": status.max_in_flight,
+            "node_classes": status.node_classes,
+            "models": {folder: list(files) for folder, files in status.models.items()},
+            "last_model": status.last_model,
+            "last_error": status.last_error,
+            "success_rate": per.success_rate if per is not None else None,
+        })
+    return web.json_response({"items": items})

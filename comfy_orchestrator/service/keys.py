@@ -1,0 +1,38 @@
+"""Typed application and request state (aliases only: what lives under which key)."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from comfy_orchestrator.graph import Template
+from comfy_orchestrator.pool import Pool
+from comfy_orchestrator.service.backends import BackendClients
+from comfy_orchestrator.service.notifier import Notifier
+from comfy_orchestrator.service.settings import ServiceSettings
+from comfy_orchestrator.service.state import Lifecycle
+from comfy_orchestrator.store import JobStore
+
+__all__ = [
+    "CLIENTS",
+    "LIFECYCLE",
+    "NOTIFIER",
+    "POOL",
+    "SETTINGS",
+    "SOCKETS",
+    "STORE",
+    "TEMPLATES",
+    "TENANT",
+]
+
+SETTINGS = web.AppKey("settings", ServiceSettings)
+STORE = web.AppKey("store", JobStore)
+POOL = web.AppKey("pool", Pool)
+CLIENTS = web.AppKey("clients", BackendClients)
+TEMPLATES = web.AppKey("templates", dict[str, Template])
+NOTIFIER = web.AppKey("notifier", Notifier)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+
+TENANT = web.RequestKey("tenant", str)

@@ -1,0 +1,171 @@
+"""The workers: each claims a job from the store, runs it on the pool, stores its outputs and
+records how it ended.
+
+    claim_next → build the graph → pool.run (attempts recorded as the pool dispatches them; progress,
+    retries and cached nodes appended as events, progress at most 5 per second per job) → outputs
+    streamed from the backend into the store → complete_job / fail_job
+
+While a job runs its lease is renewed every third of ``lease_s``; a renewal that fails (the job was
+cancelled, possibly by another process) cancels it on the pool. On shutdown a worker stops
+claiming; a job still running when the drain timeout ends is cancelled on its backend and released
+back to the queue, its attempt ``abandoned``.
+
+Each attempt is recorded when the pool reports ``dispatched``: the pool awaits that event before it
+submits the prompt, and the event carries the prompt id the attempt will use, so the attempt (backend,
+prompt id) is durable before any GPU work starts and start-up reconciliation can find the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mimetypes
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from comfy_orchestrator.errors import ComfyOrchestratorError, JobCancelled
+from comfy_orchestrator.graph import Template
+from comfy_orchestrator.pool import EventKind, Pool, PoolEvent, PoolResult
+from comfy_orchestrator.service.backends import BackendClients
+from comfy_orchestrator.service.errors import ApiError
+from comfy_orchestrator.service.intake import build_graph
+from comfy_orchestrator.service.notifier import Notifier
+from comfy_orchestrator.store import JobRecord, JobStore, OutputRecord, StoreError, error_info
+
+__all__ = ["PROGRESS_INTERVAL_S", "Worker"]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.2  # at most 5 progress events per second per job
+_IDLE_POLL_S = 0.2
+
+
+class Worker:
+    """One claiming task's loop (``run``); several share a store, a pool and the clients."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        pool: Pool,
+        clients: BackendClients,
+        templates: dict[str, Template],
+        notifier: Notifier,
+        *,
+        worker_id: str,
+        lease_s: float,
+    ) -> None:
+        self.store, self.pool, self.clients = store, pool, clients
+        self.templates, self.notifier = templates, notifier
+        self.worker_id = worker_id
+        self.lease_s = lease_s
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            job = await self.store.claim_next(self.worker_id, lease_s=self.lease_s)
+            if job is None:
+                await self.notifier.wait(_IDLE_POLL_S)
+                continue
+            self.notifier.notify()
+            try:
+                await self.process(job)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._release(job))
+                raise
+            except Exception as exc:  # a bug, not the job's fault: keep the worker, end the job visibly
+                log.exception("job %s: worker %s failed on it", job.id, self.worker_id)
+                await self._fail(job, error_info(exc))
+
+    async def _release(self, job: JobRecord) -> None:
+        if await self.store.release(job.id, worker_id=self.worker_id, reason="service shutting down"):
+            log.info("job %s: released back to the queue (shutdown)", job.id)
+        self.notifier.notify()
+
+    async def process(self, job: JobRecord) -> None:
+        try:
+            graph = build_graph(job.kind, job.spec, self.templates)
+        except ApiError as exc:
+            await self._fail(job, {"type": exc.type, "message": exc.message})
+            return
+        keeper = asyncio.create_task(self._keep_lease(job), name=f"lease:{job.id}")
+        try:
+            result = await self.pool.run(graph, job_id=job.id, labels=job.labels, on_event=self.recorder(job))
+            outputs = await self._save_outputs(job, result)
+        except JobCancelled as exc:
+            await self._fail(job, error_info(exc))  # a no-op when the tenant cancelled it in the store
+            return
+        except (ComfyOrchestratorError, OSError) as exc:
+            await self._fail(job, error_info(exc))
+            return
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        summary = {"backend": result.backend, "prompt_id": result.result.prompt_id,
+                   "outputs": [o.name for o in outputs], "attempts": len(result.attempts),
+                   "execution_s": result.result.timings.execution_s}
+        if await self.store.complete_job(job.id, summary, outputs):
+            log.info("job %s: succeeded on %s with %d outputs", job.id, result.backend, len(outputs))
+        self.notifier.notify()
+
+    async def _fail(self, job: JobRecord, error: dict[str, Any]) -> None:
+        if await self.store.fail_job(job.id, error):
+            log.info("job %s: failed: %s", job.id, error.get("message"))
+        self.notifier.notify()
+
+    async def _keep_lease(self, job: JobRecord) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            if not await self.store.renew_lease(job.id, self.worker_id, lease_s=self.lease_s):
+                log.info("job %s: lease lost (cancelled or reclaimed); cancelling it on the pool", job.id)
+                if job.id in self.pool.jobs():
+                    await self.pool.cancel(job.id)
+                return
+
+    async def _save_outputs(self, job: JobRecord, result: PoolResult) -> list[OutputRecord]:
+        client = self.clients[result.backend]
+        saved = []
+        for node_id, output in result.result.outputs.items():
+            for ref in output.files:
+                if ref.type != "output":
+                    continue
+                content_type = mimetypes.guess_type(ref.filename)[0] or "application/octet-stream"
+                saved.append(await self.store.save_output(job.id, f"{node_id}/{ref.filename}",
+                                                          client.iter_download(ref), content_type))
+        return saved
+
+    def recorder(self, job: JobRecord) -> Callable[[PoolEvent], Awaitable[None]]:
+        """The ``on_event`` of ``job``'s pool run: pool events into the store as the job's events."""
+        last_progress = 0.0
+
+        async def record(event: PoolEvent) -> None:
+            nonlocal last_progress
+            data: dict[str, Any] = {"backend": event.backend, "attempt": event.attempt}
+            if event.kind is EventKind.DISPATCHED and event.backend is not None:
+                await self._start_attempt(job, event.backend, event.prompt_id)
+                return
+            if event.kind is EventKind.PROGRESS:
+                now = time.monotonic()
+                if now - last_progress < PROGRESS_INTERVAL_S:
+                    return
+                last_progress = now
+                data.update(fraction=event.fraction, node=event.node)
+            elif event.kind is EventKind.RETRIED:
+                data.update(reason=event.reason, delay=event.delay)
+            elif event.kind is EventKind.CACHED:
+                data.update(nodes=list(event.nodes))
+            else:
+                return  # queued/done/failed/cancelled are the store's own events; previews are not kept
+            await self.store.append_event(job.id, f"job.{event.kind.value}", data)
+            self.notifier.notify()
+
+        return record
+
+    async def _start_attempt(self, job: JobRecord, backend: str, prompt_id: str | None) -> None:
+        try:
+            await self.store.start_attempt(job.id, backend, prompt_id or f"unrecorded-{uuid.uuid4()}")
+        except StoreError as exc:  # cancelled meanwhile: the lease keeper cancels it on the pool
+            log.info("job %s: attempt on %s not recorded: %s", job.id, backend, exc)
+        self.notifier.notify()

@@ -1,0 +1,69 @@
+"""``comfy-orch serve --config FILE``: serves, and exits cleanly on SIGTERM after draining."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+from click.testing import CliRunner
+
+from comfy_orchestrator.cli import main
+from comfy_orchestrator.testing import FakeComfyUI
+from tests.service.conftest import TOKENS, auth
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_a_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "service.toml"
+    path.write_text("[server]\nport = -1\n")
+    result = CliRunner().invoke(main, ["serve", "--config", str(path)])
+    assert result.exit_code != 0
+    assert "server.port" in result.output
+    assert "Traceback" not in result.output
+
+
+async def test_serve_answers_then_drains_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    async with FakeComfyUI() as fake:
+        config = tmp_path / "service.toml"
+        config.write_text(
+            f'[server]\nhost = "127.0.0.1"\nport = {port}\ndrain_timeout = 1.0\n'
+            f'[store]\npath = "{tmp_path / "jobs.db"}"\noutputs_dir = "{tmp_path / "out"}"\n'
+            f'[[backends]]\nname = "fake"\nurl = "{fake.url}"\n'
+            f'[[tokens]]\ntoken = "{TOKENS["acme"]}"\ntenant = "acme"\n'
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "comfy_orchestrator", "serve", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with asyncio.timeout(30):
+                    while True:
+                        try:
+                            async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                                if resp.status == 200:
+                                    break
+                        except aiohttp.ClientConnectionError:
+                            pass
+                        await asyncio.sleep(0.1)
+                async with session.get(f"http://127.0.0.1:{port}/v1/backends", headers=auth()) as resp:
+                    assert resp.status == 200
+            proc.send_signal(signal.SIGTERM)
+            output, _ = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, output.decode()
+        assert b"Traceback" not in output

@@ -1,0 +1,33 @@
+"""The worker's event recording: attempts when the pool dispatches, progress at most 5 per second."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from comfy_orchestrator.pool import EventKind, Pool, PoolEvent
+from comfy_orchestrator.service.backends import BackendClients
+from comfy_orchestrator.service.notifier import Notifier
+from comfy_orchestrator.service.worker import PROGRESS_INTERVAL_S, Worker
+from comfy_orchestrator.store import SQLiteJobStore
+
+
+async def test_progress_is_coalesced_and_dispatch_records_an_attempt(tmp_path: Path) -> None:
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        created, _ = await store.create_job("acme", "graph", {"1": {"class_type": "X", "inputs": {}}})
+        job = await store.claim_next("w", lease_s=10)
+        assert job is not None
+        assert job.id == created.id
+        worker = Worker(store, Pool(), BackendClients([]), {}, Notifier(), worker_id="w", lease_s=10)
+        record = worker.recorder(job)
+        after = await store.latest_seq("acme")
+        await record(PoolEvent(job.id, EventKind.DISPATCHED, backend="gpu", attempt=1))
+        for n in range(20):
+            await record(PoolEvent(job.id, EventKind.PROGRESS, backend="gpu", attempt=1, fraction=n / 20, node="3"))
+        await asyncio.sleep(PROGRESS_INTERVAL_S * 1.2)
+        await record(PoolEvent(job.id, EventKind.PROGRESS, backend="gpu", attempt=1, fraction=1.0, node="3"))
+        events = await store.events_since("acme", after)
+        assert [e.type for e in events] == ["job.attempt", "job.progress", "job.progress"]
+        assert [e.data["fraction"] for e in events[1:]] == [0.0, 1.0]
+        [attempt] = await store.list_attempts(job.id)
+        assert attempt.backend == "gpu"
