@@ -3,8 +3,9 @@
 One run, the same architecture and the same weights for all three, prompts repeated as a gate would
 (one prompt, many candidate images):
 
-* ``evaluator``: ``quality.ClipEvaluator.score(images, prompt)`` (cached text embedding, images
-  decoded on a thread pool and batched across callers, model work off the event loop);
+* ``evaluator``: ``quality.ClipEvaluator.score(images, prompt)`` (cached text embedding; a call's
+  images stacked into one uint8 tensor, checked on a strided sample of it, and sent to the model as
+  one batch, resized/cropped/normalised in torch with it; model work off the event loop);
 * ``naive``: the open_clip loop everyone writes first: tokenise and encode the prompt, preprocess
   each image, encode the batch, on every call (same open_clip model object as the evaluator's);
 * ``torchmetrics``: ``torchmetrics.multimodal.CLIPScore`` over a transformers ``CLIPModel`` built

@@ -1,13 +1,19 @@
 """Dynamic batching across concurrent callers, on one worker thread that owns the model work.
 
-Callers (any thread, any event loop) submit single items; the worker gathers them into a batch of up
-to ``max_batch`` items, runs the batch function once, and resolves each caller's future. The model
-thus runs on one thread, off every event loop, and many pipelines scoring at once share it.
+Callers (any thread, any event loop) submit items; the worker gathers them into a batch of up to
+``max_batch`` units, runs the batch function once, and resolves each caller's future. The model thus
+runs on one thread, off every event loop, and many pipelines scoring at once share it.
 
-How long the worker waits for a batch to fill: a caller that knows more items are coming (an
-evaluator scoring 8 images whose decoding is still under way) *reserves* them first, and the worker
-waits for reserved items as long as they keep arriving, at most ``max_wait_ms`` after the last one,
-until ``max_batch`` are there. Nothing reserved, nothing to wait for: a lone request runs at once
+An item may stand for several units (``size``): an evaluator submits a caller's images as one item of
+``len(images)`` units, so they reach the model as one batch. The worker packs whole items, first come
+first served, never splitting one: items merge across callers, a caller's images are never spread
+over several small batches (a caller with more than ``max_batch`` images submits chunks of
+``max_batch``).
+
+How long the worker waits for a batch to fill: a caller that knows more units are coming (an
+evaluator whose images are still being decoded) *reserves* them first, and the worker waits for
+reserved units as long as they keep arriving, at most ``max_wait_ms`` after the last one, until
+``max_batch`` are there. Nothing reserved, nothing to wait for: a lone request runs at once
 instead of paying the wait. Under load batches also grow by themselves: while one batch runs, new
 requests queue up and form the next.
 """
@@ -36,7 +42,7 @@ R = TypeVar("R")
 
 @dataclass(slots=True)
 class BatchStats:
-    """Counters of what the worker did (for tests and metrics)."""
+    """Counters of what the worker did (for tests and metrics); ``items`` and batch sizes count units."""
 
     batches: int = 0
     items: int = 0
@@ -49,7 +55,7 @@ class BatchStats:
 
 
 class Reservation(Generic[T, R]):
-    """Items a caller announced: the worker waits for them (each up to ``max_wait_ms``) to fill a batch.
+    """Units a caller announced: the worker waits for them (each up to ``max_wait_ms``) to fill a batch.
 
     Submit each through :meth:`submit`; :meth:`release` gives back what will not come (an image that
     failed its checks). Closing it (or leaving its ``with`` block) releases whatever is left.
@@ -60,12 +66,12 @@ class Reservation(Generic[T, R]):
         self._batcher = batcher
         self._left = count
 
-    def submit(self, item: T) -> Future[R]:
+    def submit(self, item: T, size: int = 1) -> Future[R]:
+        """Submit ``item`` standing for ``size`` of the reserved units."""
         with self._batcher._cond:
-            reserved = self._left > 0
-            if reserved:
-                self._left -= 1
-        return self._batcher._put(item, reserved=reserved)
+            reserved = min(size, self._left)
+            self._left -= reserved
+        return self._batcher._put(item, size=size, reserved=reserved)
 
     def release(self, count: int = 1) -> None:
         with self._batcher._cond:
@@ -86,7 +92,8 @@ class Reservation(Generic[T, R]):
 
 
 class DynamicBatcher(Generic[T, R]):
-    """Runs ``run_batch(items) -> results`` (same length, same order) on batches of submitted items.
+    """Runs ``run_batch(items) -> results`` (same length, same order) on batches of submitted items,
+    each batch at most ``max_batch`` units (an item larger than that runs alone).
 
     An exception from ``run_batch`` fails every future of that batch; the worker goes on. A future
     cancelled before its batch starts is left out of it. :meth:`close` stops accepting work, finishes
@@ -111,7 +118,8 @@ class DynamicBatcher(Generic[T, R]):
         self.name = name
         self.stats = BatchStats()
         self._cond = threading.Condition()
-        self._items: deque[tuple[T, Future[R]]] = deque()
+        self._items: deque[tuple[T, Future[R], int]] = deque()
+        self._queued = 0  # units in _items
         self._reserved = 0
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
@@ -122,7 +130,7 @@ class DynamicBatcher(Generic[T, R]):
         return self._closed
 
     def reserve(self, count: int) -> Reservation[T, R]:
-        """Announce ``count`` items about to be submitted, so a batch waits for them to fill."""
+        """Announce ``count`` units about to be submitted, so a batch waits for them to fill."""
         with self._cond:
             if self._closed:
                 raise EvaluatorClosed(f"{self.name} is closed")
@@ -134,20 +142,22 @@ class DynamicBatcher(Generic[T, R]):
             self._reserved -= count
             self._cond.notify_all()
 
-    def _put(self, item: T, *, reserved: bool) -> Future[R]:
+    def _put(self, item: T, *, size: int, reserved: int) -> Future[R]:
+        if size < 1:
+            raise ValueError("an item's size must be at least 1")
         fut: Future[R] = Future()
         with self._cond:
-            if reserved:
-                self._reserved -= 1
+            self._reserved -= reserved
             if self._closed:
                 raise EvaluatorClosed(f"{self.name} is closed")
-            self._items.append((item, fut))
+            self._items.append((item, fut, size))
+            self._queued += size
             self._cond.notify_all()
         return fut
 
-    def submit(self, item: T) -> Future[R]:
-        """Queue ``item``; the returned future resolves when its batch has run."""
-        return self._put(item, reserved=False)
+    def submit(self, item: T, size: int = 1) -> Future[R]:
+        """Queue ``item`` (``size`` units); the returned future resolves when its batch has run."""
+        return self._put(item, size=size, reserved=0)
 
     async def run(self, item: T) -> R:
         """Submit ``item`` and await its result without blocking the event loop."""
@@ -171,48 +181,55 @@ class DynamicBatcher(Generic[T, R]):
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
-    def _next_batch(self) -> list[tuple[T, Future[R]]] | None:
+    def _next_batch(self) -> list[tuple[T, Future[R], int]] | None:
         with self._cond:
             while not self._items:
                 if self._closed:
                     return None
                 self._cond.wait()
-            # Wait for reserved items while they keep coming: at most max_wait after the last arrival.
+            # Wait for reserved units while they keep coming: at most max_wait after the last arrival.
             deadline = time.monotonic() + self.max_wait
-            seen = len(self._items)
-            while len(self._items) < self.max_batch and self._reserved > 0 and not self._closed:
+            seen = self._queued
+            while self._queued < self.max_batch and self._reserved > 0 and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-                if len(self._items) > seen:
-                    seen = len(self._items)
+                if self._queued > seen:
+                    seen = self._queued
                     deadline = time.monotonic() + self.max_wait
-            n = min(len(self._items), self.max_batch)
-            return [self._items.popleft() for _ in range(n)]
+            # Whole items, in order, while they fit (the first one always goes).
+            batch = [self._items.popleft()]
+            units = batch[0][2]
+            while self._items and units + self._items[0][2] <= self.max_batch:
+                batch.append(self._items.popleft())
+                units += batch[-1][2]
+            self._queued -= units
+            return batch
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
-            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+            live = [(item, fut, size) for item, fut, size in batch if fut.set_running_or_notify_cancel()]
             if not live:
                 continue
             started = time.perf_counter()
             outcome: Sequence[R] | BaseException
             try:
-                outcome = self._run_batch([item for item, _ in live])
+                outcome = self._run_batch([item for item, _, _ in live])
                 if len(outcome) != len(live):
                     raise RuntimeError(f"batch function returned {len(outcome)} results for {len(live)} items")
             except BaseException as exc:  # handed to every waiting caller; the worker goes on
                 logger.debug("%s: batch of %d failed: %r", self.name, len(live), exc)
                 outcome = exc
             # Counters first, so a caller woken by its result already sees its batch counted.
+            units = sum(size for _, _, size in live)
             self.stats.batches += 1
-            self.stats.items += len(live)
-            self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+            self.stats.items += units
+            self.stats.largest_batch = max(self.stats.largest_batch, units)
             self.stats.busy_seconds += time.perf_counter() - started
             if isinstance(outcome, BaseException):
-                for _, fut in live:
+                for _, fut, _ in live:
                     fut.set_exception(outcome)
             else:
-                for (_, fut), result in zip(live, outcome, strict=True):
+                for (_, fut, _), result in zip(live, outcome, strict=True):
                     fut.set_result(result)

@@ -1,9 +1,12 @@
 """One model's shared encoder: batched image and text encoding, a text-embedding cache, a decode pool.
 
-* Images are decoded, checked and preprocessed on a thread pool, each one handed to the model's
-  :class:`~quality.batching.DynamicBatcher` straight from its pool thread as soon as it is ready, so
-  decoding overlaps encoding. On CUDA the resize/crop/normalise step runs batched on the GPU instead
-  (:mod:`quality.preprocess`); on the CPU it is open_clip's own PIL transform.
+* A caller's images are decoded on a thread pool (encoded bytes in parallel), stacked into one uint8
+  tensor per size and checked on a strided sample of that stack, all in one pass, on the pool; what
+  passes goes to the model's :class:`~quality.batching.DynamicBatcher` as one item of
+  ``len(images)`` units (chunks of ``max_batch``), so it meets the model as one batch, merged with
+  other callers' but never split. The resize/crop/normalise step runs on the batcher's thread, for
+  the whole batch at once (:mod:`quality.preprocess`), so the host work of the next caller overlaps
+  the encoding of this one. ``preprocess="pil"`` keeps open_clip's own per-image PIL transform.
 * Texts are cleaned of ComfyUI syntax, then looked up in an LRU cache keyed by (model, weights,
   cleaned prompt); only misses reach the model, batched like images.
 * All model work runs on the batcher's one worker thread, never on an event loop.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 import os
 import threading
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from quality.aesthetic import AestheticHead
 from quality.batching import BatchStats, DynamicBatcher, Reservation
@@ -35,10 +40,13 @@ from quality.preprocess import TensorPreprocess
 from quality.prompts import PromptInfo, describe_prompt
 from quality.registry import ModelSpec
 from quality.technical import (
+    DecodedImage,
     TechnicalLimits,
     TechnicalReport,
     check_image,
     decode_and_check,
+    decode_rgb_array,
+    judge_batch,
     judge_pixels,
 )
 from quality.types import ImageInput
@@ -98,6 +106,9 @@ class PreparedImage:
 
 @dataclass(frozen=True, slots=True)
 class _ImageJob:
+    """Images of one caller: a uint8 ``[N, H, W, 3]`` stack (tensor mode) or ``[N, 3, S, S]`` model
+    input (PIL mode)."""
+
     pixels: torch.Tensor
     head: AestheticHead | None
 
@@ -109,9 +120,12 @@ class _TextJob:
 
 _Job = _ImageJob | _TextJob
 #: How images become model input: ``pil`` (open_clip's own transform, per image on the decode pool),
-#: ``tensor`` (batched on the model's device, :mod:`quality.preprocess`), ``auto`` (tensor on CUDA).
+#: ``tensor`` (batched in torch on the model's device, :mod:`quality.preprocess`), ``auto`` (tensor).
 PreprocessMode = Literal["auto", "pil", "tensor"]
-_Result = tuple[torch.Tensor, float | None]
+#: Text job: (embedding ``[D]``, None); image job: (embeddings ``[N, D]``, aesthetic ratings or None).
+_Result = tuple[torch.Tensor, list[float] | None]
+#: What :meth:`ClipEncoder.embed_images` gives per image: report, embedding, aesthetic rating.
+_Embedded = tuple[TechnicalReport, torch.Tensor | None, float | None]
 
 
 class ClipEncoder:
@@ -128,15 +142,16 @@ class ClipEncoder:
         preprocess: PreprocessMode = "auto",
     ) -> None:
         self.model = model
-        if preprocess == "auto":
-            preprocess = "tensor" if model.device.type == "cuda" else "pil"
-        self.preprocess_mode: PreprocessMode = preprocess
         spec = model.spec
+        if preprocess == "auto":
+            preprocess = "tensor" if spec.resize_mode == "shortest" else "pil"
+        self.preprocess_mode: PreprocessMode = preprocess
         self._tensor_preprocess = (
             TensorPreprocess(spec.image_size, spec.mean, spec.std, interpolation=spec.interpolation,
                              resize_mode=spec.resize_mode, device=model.device, dtype=model.dtype)
             if preprocess == "tensor" else None
         )
+        self.max_batch = max_batch
         self.text_cache = text_cache or TextEmbeddingCache()
         self._batcher: DynamicBatcher[_Job, _Result] = DynamicBatcher(
             self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -168,21 +183,30 @@ class ClipEncoder:
             for row, (i, _) in enumerate(texts):
                 results[i] = (emb[row], None)
         if images:
+            stacks = [j.pixels for _, j in images]
             if self._tensor_preprocess is not None:
-                pixels = self._tensor_preprocess([j.pixels for _, j in images])
+                pixels = self._tensor_preprocess(stacks)  # one resize per image size, on the device
             else:
-                pixels = torch.stack([j.pixels for _, j in images])
+                pixels = stacks[0] if len(stacks) == 1 else torch.cat(stacks)
                 if self.model.device.type == "cuda":
                     pixels = pixels.pin_memory()
             emb = self.model.encode_images(pixels)
-            ratings: dict[int, float] = {}
+            sizes = [s.shape[0] for s in stacks]
             heads = {id(j.head): j.head for _, j in images if j.head is not None}
-            for head_id, head in heads.items():
-                rows = [row for row, (_, j) in enumerate(images) if id(j.head) == head_id]
+            ratings: dict[int, list[float]] = {}
+            for head_id, head in heads.items():  # one head call per head, over all its rows
+                mine = [k for k, (_, j) in enumerate(images) if id(j.head) == head_id]
+                starts = [sum(sizes[:k]) for k in mine]
+                rows = [r for k, st in zip(mine, starts, strict=True) for r in range(st, st + sizes[k])]
                 values = head(emb[rows]).tolist()
-                ratings.update(zip(rows, values, strict=True))
-            for row, (i, _) in enumerate(images):
-                results[i] = (emb[row], ratings.get(row))
+                offset = 0
+                for k in mine:
+                    ratings[k] = values[offset:offset + sizes[k]]
+                    offset += sizes[k]
+            start = 0
+            for k, (i, _) in enumerate(images):
+                results[i] = (emb[start:start + sizes[k]], ratings.get(k))
+                start += sizes[k]
         return [r for r in results if r is not None]
 
     # -- caller side --------------------------------------------------------------------------------
@@ -192,17 +216,17 @@ class ClipEncoder:
             raise EvaluatorClosed(f"the encoder of {self.model.spec.name!r} is closed")
 
     def prepare(self, image: ImageInput, limits: TechnicalLimits) -> PreparedImage:
-        """Decode, check and preprocess one image. Blocking: it runs on the decode pool.
-
-        PIL mode: open_clip's own transform; the pixel statistics of the checks come from that model
-        input (un-normalised), at no extra cost. Tensor mode: the checks read a box-reduced copy and
-        the image leaves as a uint8 tensor, to be resized with its batch on the model's device.
-        """
+        """Decode, check and preprocess one image (blocking). Tensor mode: the uint8 ``H×W×3`` image;
+        PIL mode: open_clip's own transform of it. :meth:`embed_images` does this for many at once."""
         if self._tensor_preprocess is not None:
             report, pil = check_image(image, limits)
             if not report.ok or pil is None:
                 return PreparedImage(report, None)
             return PreparedImage(report, TensorPreprocess.to_uint8(pil))
+        return self._prepare_pil(image, limits)
+
+    def _prepare_pil(self, image: ImageInput, limits: TechnicalLimits) -> PreparedImage:
+        # open_clip's transform; the pixel statistics of the checks come from that model input.
         decoded = decode_and_check(image, limits)
         if decoded.image is None:
             return PreparedImage(TechnicalReport(decoded.failures, 0, 0, 0.0, 0.0), None)
@@ -211,51 +235,97 @@ class ClipEncoder:
         report = judge_pixels(decoded, rgb.numpy(), limits)
         return PreparedImage(report, pixels if report.ok else None)
 
-    def _prepare_and_submit(
-        self, image: ImageInput, limits: TechnicalLimits, head: AestheticHead | None,
-        reservation: Reservation[_Job, _Result],
-    ) -> tuple[TechnicalReport, Future[_Result] | None]:
-        # On a pool thread: straight on to the batcher, with no trip back through the event loop.
-        try:
-            prepared = self.prepare(image, limits)
-        except BaseException:
-            reservation.release()
-            raise
-        if prepared.pixels is None:
-            reservation.release()
-            return prepared.report, None
-        return prepared.report, reservation.submit(_ImageJob(prepared.pixels, head))
-
     async def prepare_async(self, image: ImageInput, limits: TechnicalLimits) -> PreparedImage:
         self._check_open()
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.prepare, image, limits)
 
-    async def _embed_one(
-        self, image: ImageInput, limits: TechnicalLimits, head: AestheticHead | None,
+    def _prepare_chunk(
+        self, images: Sequence[ImageInput], limits: TechnicalLimits, head: AestheticHead | None,
         reservation: Reservation[_Job, _Result],
-    ) -> tuple[TechnicalReport, torch.Tensor | None, float | None]:
-        loop = asyncio.get_running_loop()
-        report, fut = await loop.run_in_executor(
-            self._pool, self._prepare_and_submit, image, limits, head, reservation)
-        if fut is None:
-            return report, None, None
-        emb, rating = await asyncio.wrap_future(fut)
-        return report, emb, rating
+    ) -> list[tuple[TechnicalReport, Future[_Result] | None, int]]:
+        """On a pool thread: decode, stack, check, and submit what passed as one item per image size.
+
+        Returns per image (report, future of its item or None when it failed, row in that item).
+        """
+        submitted = 0
+        try:
+            out: list[tuple[TechnicalReport, Future[_Result] | None, int] | None] = [None] * len(images)
+            if self._tensor_preprocess is None:
+                prepared = [self._prepare_pil(im, limits) for im in images]
+                ok = [i for i, p in enumerate(prepared) if p.pixels is not None]
+                for i, p in enumerate(prepared):
+                    out[i] = (p.report, None, 0)
+                if ok:
+                    stack = torch.stack([p.pixels for p in prepared if p.pixels is not None])
+                    whole = reservation.submit(_ImageJob(stack, head), size=len(ok))
+                    submitted += len(ok)
+                    for row, i in enumerate(ok):
+                        out[i] = (prepared[i].report, whole, row)
+                return [o for o in out if o is not None]
+            groups: dict[tuple[int, ...], list[tuple[int, DecodedImage, object]]] = {}
+            for i, im in enumerate(images):
+                decoded, arr = decode_rgb_array(im, limits)
+                if arr is None:
+                    out[i] = (TechnicalReport(decoded.failures, 0, 0, 0.0, 0.0), None, 0)
+                else:
+                    groups.setdefault(arr.shape, []).append((i, decoded, arr))
+            for members in groups.values():
+                stack = self._tensor_preprocess.stack([arr for _, _, arr in members])  # type: ignore[misc]
+                reports = judge_batch([d for _, d, _ in members], stack.numpy(), limits)
+                passed = [k for k, r in enumerate(reports) if r.ok]
+                fut: Future[_Result] | None = None
+                if passed:
+                    if len(passed) < len(members):
+                        stack = stack[passed]
+                    fut = reservation.submit(_ImageJob(stack, head), size=len(passed))
+                    submitted += len(passed)
+                rows = {k: row for row, k in enumerate(passed)}
+                for k, ((i, _, _), report) in enumerate(zip(members, reports, strict=True)):
+                    out[i] = (report, fut if k in rows else None, rows.get(k, 0))
+            return [o for o in out if o is not None]
+        finally:
+            reservation.release(len(images) - submitted)  # what failed its checks will not come
 
     async def embed_image(
         self, image: ImageInput, limits: TechnicalLimits, head: AestheticHead | None = None
-    ) -> tuple[TechnicalReport, torch.Tensor | None, float | None]:
+    ) -> _Embedded:
         """(report, embedding or None when the checks failed, aesthetic rating or None)."""
         return (await self.embed_images([image], limits, head))[0]
 
     async def embed_images(
         self, images: Sequence[ImageInput], limits: TechnicalLimits, head: AestheticHead | None = None
-    ) -> list[tuple[TechnicalReport, torch.Tensor | None, float | None]]:
-        """Each image decoded on the pool and batched as soon as it is ready; results in order."""
+    ) -> list[_Embedded]:
+        """Checked and embedded images, in order; a caller's images reach the model as one batch
+        (chunks of ``max_batch``)."""
         self._check_open()
-        with self._batcher.reserve(len(images)) as reservation:
-            return list(await asyncio.gather(*(self._embed_one(im, limits, head, reservation)
-                                               for im in images)))
+        if not images:
+            return []
+        loop = asyncio.get_running_loop()
+        items = list(images)
+        with self._batcher.reserve(len(items)) as reservation:
+            encoded = [i for i, im in enumerate(items) if isinstance(im, bytes | bytearray | memoryview)]
+            if len(encoded) > 1:  # decode files in parallel; the rest is one vectorised pass per chunk
+                decoded = await asyncio.gather(*(loop.run_in_executor(self._pool, _decode_bytes, items[i])
+                                                 for i in encoded))
+                for i, im in zip(encoded, decoded, strict=True):
+                    items[i] = im
+            step = self.max_batch
+            chunks = await asyncio.gather(*(
+                loop.run_in_executor(self._pool, self._prepare_chunk, items[k:k + step], limits, head,
+                                     reservation)
+                for k in range(0, len(items), step)))
+        flat = [entry for chunk in chunks for entry in chunk]
+        waiting = {id(fut): fut for _, fut, _ in flat if fut is not None}
+        done = dict(zip(waiting, await asyncio.gather(*(asyncio.wrap_future(f) for f in waiting.values())),
+                        strict=True))
+        result: list[_Embedded] = []
+        for report, fut, row in flat:
+            if fut is None:
+                result.append((report, None, None))
+                continue
+            emb, ratings = done[id(fut)]
+            result.append((report, emb[row], None if ratings is None else ratings[row]))
+        return result
 
     def describe(self, prompt: str) -> PromptInfo:
         return describe_prompt(self.model.tokenizer, prompt, self.model.context_length)
@@ -314,7 +384,7 @@ class SharedEncoders:
         preprocess: PreprocessMode = "auto",
     ) -> ClipEncoder:
         choice = choose_device(device, precision)
-        mode = preprocess if preprocess != "auto" else ("tensor" if choice.device.type == "cuda" else "pil")
+        mode = preprocess if preprocess != "auto" else ("tensor" if spec.resize_mode == "shortest" else "pil")
         key = (spec, str(choice.device), choice.precision, mode)
         with self._lock:
             enc = self._encoders.get(key)
@@ -334,6 +404,16 @@ class SharedEncoders:
             self._encoders.clear()
         for enc in encoders:
             enc.close()
+
+
+def _decode_bytes(data: ImageInput) -> ImageInput:
+    """Encoded bytes as an RGB PIL image, or as they were when undecodable (the checks say so)."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:  # type: ignore[arg-type]
+            opened.load()
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return data
 
 
 @functools.cache

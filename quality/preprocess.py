@@ -1,11 +1,12 @@
-"""Batched image preprocessing on the model's device, for when per-image PIL work is the bottleneck.
+"""Batched image preprocessing in torch: one uint8 stack, one resize, crop and normalisation.
 
 open_clip's own transform (PIL bicubic resize of the shortest side, centre crop, normalise) runs one
-image at a time on the CPU. On a GPU that caps throughput far below what the model can encode, so
-there the evaluator ships each decoded image as a ``uint8`` tensor and this module does the same
-steps for a whole batch on the device: antialiased bicubic resize (torchvision's tensor kernel, which
-follows PIL's), rounding to 8 bits as PIL does, centre crop, normalisation. The result matches the
-PIL path to about one grey level (cosines agree to ~1e-3). On the CPU the PIL path stays the default.
+image at a time, which costs more than a small model's forward pass and, on a GPU, caps throughput far
+below what the model can encode. Instead the evaluator stacks a caller's decoded images (same size)
+into one ``uint8`` ``[N, H, W, 3]`` tensor and this module does the same steps for the whole stack:
+antialiased bicubic resize (torch's kernel, which follows PIL's; on the CPU it runs on the uint8
+pixels directly, vectorised), rounding to 8 bits as PIL does, centre crop, normalisation, on the
+model's device. The result matches the PIL path to about one grey level (cosines agree to ~1e-3).
 """
 
 from __future__ import annotations
@@ -50,25 +51,43 @@ class TensorPreprocess:
         """An RGB PIL image as an ``H×W×3`` uint8 tensor (on the CPU; cheap, no torch kernels)."""
         return torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image))
 
-    def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[N, 3, size, size]`` normalised model input on the device, from uint8 ``H×W×3`` tensors."""
-        out: list[torch.Tensor | None] = [None] * len(images)
+    def stack(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Same-sized ``H×W×3`` uint8 arrays as one ``[N, H, W, 3]`` host tensor (pinned when the model
+        is on CUDA, so that its upload is asynchronous), in one copy."""
+        first = arrays[0]
+        out = torch.empty((len(arrays), *first.shape), dtype=torch.uint8,
+                          pin_memory=self.device.type == "cuda")
+        np.stack(arrays, out=out.numpy())
+        return out
+
+    def __call__(self, stacks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[ΣN, 3, size, size]`` model input on the device from uint8 ``[N, H, W, 3]`` stacks (or single
+        ``H×W×3`` images), in order; stacks of one size are resized together."""
+        batches = [t if t.dim() == 4 else t.unsqueeze(0) for t in stacks]
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(tuple(im.shape), []).append(i)
+        for i, t in enumerate(batches):
+            groups.setdefault(tuple(t.shape[1:]), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(batches)
         for idx in groups.values():
-            # One copy into (pinned, on CUDA) host memory, then one upload for the whole group.
-            pinned = self.device.type == "cuda"
-            batch = torch.empty((len(idx), *images[idx[0]].shape), dtype=torch.uint8, pin_memory=pinned)
-            for row, i in enumerate(idx):
-                batch[row].copy_(images[i])
-            if pinned:
-                batch = batch.to(self.device, non_blocking=True)
-            x = batch.permute(0, 3, 1, 2).float()
+            parts = [batches[i] for i in idx]
+            x = self._one_size(parts[0] if len(parts) == 1 else torch.cat(parts))
+            start = 0
+            for i in idx:
+                n = batches[i].shape[0]
+                out[i] = x[start:start + n]
+                start += n
+        pieces = [t for t in out if t is not None]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _one_size(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a channels-last view
+        if x.device.type == "cpu":
+            # torch's uint8 antialiased kernel: vectorised, and it rounds into 8 bits as PIL does.
             x = TF.resize(x, [self.size], interpolation=self.interpolation, antialias=True)
+        else:
+            x = TF.resize(x.float(), [self.size], interpolation=self.interpolation, antialias=True)
             x = x.clamp_(0.0, 255.0).round_()  # PIL resamples into 8 bits
-            x = TF.center_crop(x, [self.size, self.size])
-            x = ((x - self._mean) / self._std).to(self.dtype)
-            for row, i in enumerate(idx):
-                out[i] = x[row]
-        return torch.stack([t for t in out if t is not None])
+        x = TF.center_crop(x, [self.size, self.size])
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+        out: torch.Tensor = ((x - self._mean) / self._std).to(self.dtype)
+        return out

@@ -122,3 +122,28 @@ def test_bad_settings() -> None:
         DynamicBatcher(lambda xs: list(xs), max_batch=0)
     with pytest.raises(ValueError, match="max_wait_ms"):
         DynamicBatcher(lambda xs: list(xs), max_wait_ms=-1)
+
+
+def test_items_of_several_units_are_packed_whole() -> None:
+    """A caller's images travel as one item of len(images) units: merged with others, never split."""
+    gate, busy = threading.Event(), threading.Event()
+    seen: list[list[int]] = []
+
+    def run(xs: Sequence[int]) -> list[int]:
+        busy.set()
+        gate.wait(5)
+        seen.append(list(xs))
+        return list(xs)
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(run, max_batch=8, max_wait_ms=0)
+    first = batcher.submit(0, size=1)  # holds the worker while the rest queue up
+    assert busy.wait(5)
+    sizes = {1: 5, 2: 2, 3: 4, 4: 1, 5: 8, 6: 12}
+    futures = [batcher.submit(item, size=size) for item, size in sizes.items()]
+    gate.set()
+    assert first.result(5) == 0
+    assert [f.result(5) for f in futures] == list(sizes)
+    assert seen == [[0], [1, 2], [3, 4], [5], [6]]  # 5+2, 4+1, 8, and 12 alone (larger than a batch)
+    assert batcher.stats.items == 1 + sum(sizes.values())
+    assert batcher.stats.largest_batch == 12
+    batcher.close()

@@ -165,3 +165,23 @@ async def test_tensor_preprocessing_matches_open_clips_pil_path() -> None:
     assert (a[:3].argmax(axis=1) == b[:3].argmax(axis=1)).all()
     assert tensor.encoder is not None
     assert tensor.encoder.preprocess_mode == "tensor"
+
+
+async def test_one_call_is_one_model_batch() -> None:
+    """A caller's images reach the model together, however slowly they are decoded (no max_wait)."""
+    encoders = SharedEncoders(ModelCache())
+    evaluator = ClipEvaluator(TINY, device="cpu", encoders=encoders, max_batch=16, max_wait_ms=0)
+    async with evaluator:
+        images = [png(shape("red", "circle", seed=i)) for i in range(12)] + [Image.new("RGB", (96, 96))]
+        await evaluator.score(images[:1], "a photo of a red circle")
+        assert evaluator.encoder is not None
+        stats = evaluator.encoder.stats
+        before, items = stats.batches, stats.items
+        scores = await evaluator.score(images, "a photo of a red circle")
+        assert [s.ok for s in scores] == [True] * 12 + [False]  # the blank one costs no model time
+        assert (stats.batches - before, stats.items - items) == (1, 12)
+        more = await evaluator.score(images[:12] * 2, "a photo of a red circle")  # 24 > max_batch
+        assert stats.batches - before == 3
+        assert stats.largest_batch == 16
+        assert [s.value for s in more[12:]] == pytest.approx([s.value for s in more[:12]], abs=1e-5)
+    encoders.close_all()
