@@ -25,7 +25,7 @@ from aiohttp import WSCloseCode, web
 from comfy_orchestrator.errors import BackendError, ComfyTimeout
 from comfy_orchestrator.graph import load_templates
 from comfy_orchestrator.pool import Pool, PoolSettings
-from comfy_orchestrator.service import events, health, jobs, outputs
+from comfy_orchestrator.service import events, health, jobs, metrics, openapi, outputs
 from comfy_orchestrator.service.auth import auth_middleware
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.errors import error_middleware
@@ -58,20 +58,22 @@ def create_app(
 ) -> web.Application:
     """The service; run it with ``web.run_app`` or an ``AppRunner``. ``pool_settings`` tunes health
     checks and retries; ``templates_dir`` overrides where templates come from."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    app = web.Application(middlewares=[metrics.metrics_middleware, error_middleware, auth_middleware],
                           client_max_size=settings.limits.max_body_bytes)
     configs = [b.config() for b in settings.backends]
     app[SETTINGS] = settings
     store = SQLiteJobStore(settings.store.path, settings.store.outputs_dir)
     app[STORE] = store
     app[POOL] = Pool(configs, pool_settings)
+    app[metrics.METRICS] = metrics.Metrics()
+    app[metrics.METRICS].watch(app[POOL])
     app[CLIENTS] = BackendClients(configs)
     app[TEMPLATES] = load_templates(templates_dir)
     app[NOTIFIER] = Notifier()
     app[LIFECYCLE] = Lifecycle()
     sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
     app[SOCKETS] = sockets
-    for table in (jobs.routes, outputs.routes, events.routes, health.routes):
+    for table in (jobs.routes, outputs.routes, events.routes, health.routes, metrics.routes, openapi.routes):
         app.router.add_routes(table)
     app.cleanup_ctx.append(functools.partial(_lifespan, store=store))
     app.on_shutdown.append(_begin_drain)
