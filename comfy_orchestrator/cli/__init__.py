@@ -19,7 +19,12 @@ def main(verbose: int) -> None:
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``main``.
-    from comfy_orchestrator.cli import quality_commands, run_command, serve_command  # noqa: F401
+    from comfy_orchestrator.cli import (  # noqa: F401
+        quality_commands,
+        run_command,
+        serve_command,
+        service_commands,
+    )
 
 
 _register()
