@@ -6,7 +6,9 @@ On either signal the service drains (``/readyz`` answers 503, workers stop claim
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -15,6 +17,7 @@ from aiohttp import web
 from comfy_orchestrator.cli import main
 from comfy_orchestrator.service import ServiceSettings, SettingsError, create_app
 from comfy_orchestrator.service.access_log import AccessLogger
+from comfy_orchestrator.service.app import drain
 
 __all__ = ["serve"]
 
@@ -34,8 +37,23 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
         raise click.ClickException(str(exc)) from None
     server = settings.server
     app = create_app(settings)
-    # run_app turns SIGINT and SIGTERM into a graceful shutdown (GracefulExit → on_shutdown → cleanup);
-    # the drain itself is bounded by drain_timeout, so the runner's own timeout only covers handlers.
-    web.run_app(app, host=host or server.host, port=server.port if port is None else port,
-                shutdown_timeout=10.0, handle_signals=True, print=None, access_log=log,
-                access_log_class=AccessLogger)
+    asyncio.run(_serve(app, host or server.host, server.port if port is None else port))
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    """Listen until SIGINT/SIGTERM, drain while still listening (so ``/readyz`` answers 503 and
+    in-flight requests are answered), then stop listening and shut down."""
+    runner = web.AppRunner(app, access_log=log, access_log_class=AccessLogger, shutdown_timeout=10.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("serving on http://%s:%d", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: draining")
+        await drain(app)
+    finally:
+        await runner.cleanup()

@@ -80,6 +80,14 @@ def create_app(
     return app
 
 
+async def drain(app: web.Application) -> None:
+    """Drain while still listening: ``/readyz`` answers 503, workers stop claiming, running jobs get up
+    to ``drain_timeout`` to finish and the rest go back to the queue. ``comfy-orch serve`` calls this
+    on SIGTERM/SIGINT before it closes the listener; the shutdown that follows finds nothing left."""
+    await _begin_drain(app)
+    await _stop_workers(app[LIFECYCLE].workers, app[SETTINGS].server.drain_timeout)
+
+
 async def _begin_drain(app: web.Application) -> None:
     """First step of shutdown (before cleanup): unready, stop claiming, close event sockets."""
     app[LIFECYCLE].drain()
@@ -107,6 +115,7 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
             for n in range(settings.server.workers)
         ]
         tasks = [asyncio.create_task(w.run(lifecycle.stopping), name=f"worker:{w.worker_id}") for w in workers]
+        lifecycle.workers = tasks
         lifecycle.phase = Phase.READY
         log.info("service ready: %d workers, %d backends", len(tasks), len(settings.backends))
         try:

@@ -18,6 +18,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self.phase = Phase.STARTING
         self.stopping = asyncio.Event()  # set when draining begins: workers stop claiming
+        self.workers: list[asyncio.Task[None]] = []  # the running worker tasks, for a drain to wait on
 
     def drain(self) -> None:
         self.phase = Phase.DRAINING

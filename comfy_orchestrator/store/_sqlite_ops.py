@@ -139,6 +139,11 @@ async def start_attempt(
     if row["state"] != JobState.RUNNING:
         raise JobNotRunning(job_id, row["state"])
     n = int(row["attempts"]) + 1
+    # One attempt runs at a time: a new one means the pool gave up on the previous (its backend
+    # died, refused it…) and retries elsewhere. Left open, it would be ended with the job, as
+    # ``succeeded`` when the retry succeeds.
+    await end_attempts(db, job_id, AttemptState.FAILED,
+                       {"type": "Retried", "message": f"superseded by attempt {n} on {backend}"}, now)
     await db.execute("INSERT INTO attempts (job_id, n, backend, prompt_id, state, started_us, step) "
                      "VALUES (?, ?, ?, ?, 'running', ?, ?)", (job_id, n, backend, prompt_id, now, step))
     await db.execute("UPDATE jobs SET attempts = ?, updated_us = ? WHERE id = ?", (n, now, job_id))

@@ -127,8 +127,10 @@ async def test_execution_error_is_raised_with_node_and_exception(backend: Backen
         failure = info.value
         assert (failure.node_id, failure.node_type, failure.exception_type) == ("1", "EmptyImage", "RuntimeError")
         assert failure.out_of_memory
-        entry = await client.history(failure.prompt_id)
-        assert entry is not None
+        # The error event is sent before the history entry is written (the same race as success).
+        async with asyncio.timeout(10):
+            while (entry := await client.history(failure.prompt_id)) is None:  # noqa: ASYNC110 (remote state)
+                await asyncio.sleep(0.02)
         assert entry.status == "error"
         assert entry.error is not None
 
