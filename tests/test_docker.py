@@ -282,7 +282,6 @@ def test_the_token_is_an_obvious_placeholder(settings: ServiceSettings) -> None:
 
 def test_serve_starts_from_the_mounted_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run ``comfy-orch serve --config docker/orchestrator.toml`` up to the point where it would listen."""
-    from aiohttp import web
     from click.testing import CliRunner
 
     from comfy_orchestrator.cli import main, serve_command
@@ -293,11 +292,11 @@ def test_serve_starts_from_the_mounted_config(monkeypatch: pytest.MonkeyPatch) -
         seen["settings"] = settings
         return object()
 
-    def fake_run_app(app: object, **kwargs: Any) -> None:
-        seen.update(kwargs)
+    async def fake_serve(app: object, host: str, port: int) -> None:
+        seen.update(host=host, port=port)
 
     monkeypatch.setattr(serve_command, "create_app", fake_create_app)
-    monkeypatch.setattr(web, "run_app", fake_run_app)
+    monkeypatch.setattr(serve_command, "_serve", fake_serve)
     result = CliRunner().invoke(main, ["serve", "--config", str(CONFIG)])
     assert result.exit_code == 0, result.output
     assert (seen["host"], seen["port"]) == ("0.0.0.0", 8000)

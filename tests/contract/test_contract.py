@@ -44,8 +44,10 @@ async def test_success_path_outputs_history_and_download(backend: Backend) -> No
     assert kinds[0] == "ExecutionStart"
     assert "ExecutionCached" in kinds
     assert kinds.index("ExecutionSuccess") > max(i for i, k in enumerate(kinds) if k == "Executed")
-    assert isinstance(events[-1], p.Executing)
-    assert events[-1].node is None
+    # After success only `executing {node: null}` may follow; run() may return before it arrives, since
+    # the /history entry, not that message, is what completes a run.
+    after_success = events[kinds.index("ExecutionSuccess") + 1 :]
+    assert all(isinstance(e, p.Executing) and e.node is None for e in after_success)
     assert set(result.node_order) == {"1", "2", "3", "5", "6", "7", "9"}
 
 
@@ -145,8 +147,9 @@ async def test_interrupt_is_prompt_scoped(backend: Backend) -> None:
         )
         await asyncio.wait_for(first_step.wait(), 60)
         bystander = asyncio.create_task(client.run(graphs.model_free(), timeout=60))
-        await asyncio.sleep(0.05)
-        queue = await client.queue()
+        async with asyncio.timeout(10):
+            while not (queue := await client.queue()).pending:  # noqa: ASYNC110 (remote state)
+                await asyncio.sleep(0.01)
         assert len(queue.running) == 1
         assert len(queue.pending) == 1
         await client.interrupt("not-a-running-prompt")  # a silent no-op
