@@ -1,34 +1,22 @@
-"""Aliases and the protocol a quality-gated pipeline depends on. Only types live here."""
+"""Aliases of the quality package. Only types live here.
+
+``Evaluator`` — what a pipeline's score, gate and quality-loop steps call — is defined once, by the
+pipelines that depend on it (``comfy_orchestrator.pipelines.types``), and re-exported here;
+:class:`quality.ClipEvaluator` satisfies it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-if TYPE_CHECKING:
-    from quality.scores import QualityScore
+from comfy_orchestrator.pipelines.types import Evaluator
 
 __all__ = ["Evaluator", "ImageInput"]
 
 #: An image as a pipeline holds it: encoded bytes (PNG, JPEG, WebP…), a decoded PIL image, or an
 #: ``H×W×C`` array (uint8, or float in 0..1 such as a decoded VAE output, where NaN can show up).
 ImageInput: TypeAlias = bytes | Image.Image | npt.NDArray[np.generic]
-
-
-class Evaluator(Protocol):
-    """Scores images against the prompt they were generated from: one score per image, in order.
-
-    A gate reads ``score.value`` (the combined score) and ``score.parts`` (what it was made of).
-    """
-
-    async def score(
-        self,
-        images: Sequence[bytes | Image.Image],
-        prompt: str,
-        *,
-        negative: str | None = None,
-    ) -> list[QualityScore]: ...

@@ -30,8 +30,8 @@ class Score(Protocol):
 
 
 class Evaluator(Protocol):
-    """Scores images against the prompt they were made from, one score per image, in order
-    (the protocol of ``quality.types.Evaluator``)."""
+    """Scores images against the prompt they were made from, one score per image, in order.
+    ``quality.ClipEvaluator`` is one; a test can bring its own."""
 
     async def score(
         self,

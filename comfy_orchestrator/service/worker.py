@@ -22,7 +22,6 @@ import contextlib
 import logging
 import mimetypes
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -143,8 +142,9 @@ class Worker:
         async def record(event: PoolEvent) -> None:
             nonlocal last_progress
             data: dict[str, Any] = {"backend": event.backend, "attempt": event.attempt}
-            if event.kind is EventKind.DISPATCHED and event.backend is not None:
-                await self._start_attempt(job, event.backend, event.prompt_id)
+            if event.kind is EventKind.DISPATCHED:
+                if event.backend is not None and event.prompt_id is not None:
+                    await self._start_attempt(job, event.backend, event.prompt_id)
                 return
             if event.kind is EventKind.PROGRESS:
                 now = time.monotonic()
@@ -163,9 +163,9 @@ class Worker:
 
         return record
 
-    async def _start_attempt(self, job: JobRecord, backend: str, prompt_id: str | None) -> None:
+    async def _start_attempt(self, job: JobRecord, backend: str, prompt_id: str) -> None:
         try:
-            await self.store.start_attempt(job.id, backend, prompt_id or f"unrecorded-{uuid.uuid4()}")
+            await self.store.start_attempt(job.id, backend, prompt_id)
         except StoreError as exc:  # cancelled meanwhile: the lease keeper cancels it on the pool
             log.info("job %s: attempt on %s not recorded: %s", job.id, backend, exc)
         self.notifier.notify()

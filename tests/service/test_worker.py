@@ -21,7 +21,7 @@ async def test_progress_is_coalesced_and_dispatch_records_an_attempt(tmp_path: P
         worker = Worker(store, Pool(), BackendClients([]), {}, Notifier(), worker_id="w", lease_s=10)
         record = worker.recorder(job)
         after = await store.latest_seq("acme")
-        await record(PoolEvent(job.id, EventKind.DISPATCHED, backend="gpu", attempt=1))
+        await record(PoolEvent(job.id, EventKind.DISPATCHED, backend="gpu", attempt=1, prompt_id="p-1"))
         for n in range(20):
             await record(PoolEvent(job.id, EventKind.PROGRESS, backend="gpu", attempt=1, fraction=n / 20, node="3"))
         await asyncio.sleep(PROGRESS_INTERVAL_S * 1.2)
@@ -30,4 +30,4 @@ async def test_progress_is_coalesced_and_dispatch_records_an_attempt(tmp_path: P
         assert [e.type for e in events] == ["job.attempt", "job.progress", "job.progress"]
         assert [e.data["fraction"] for e in events[1:]] == [0.0, 1.0]
         [attempt] = await store.list_attempts(job.id)
-        assert attempt.backend == "gpu"
+        assert (attempt.backend, attempt.prompt_id) == ("gpu", "p-1")
