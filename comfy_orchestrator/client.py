@@ -56,10 +56,13 @@ _FINISHED_KEPT = 256  # finished prompts whose events stay readable after submit
 class _Tracked:
     """Events of one prompt this client submitted, readable by any number of consumers."""
 
-    __slots__ = ("_waiters", "events", "finished", "last_event", "prompt_id")
+    __slots__ = ("_waiters", "events", "finished", "foreign", "last_event", "prompt_id")
 
-    def __init__(self, prompt_id: str) -> None:
+    def __init__(self, prompt_id: str, *, foreign: bool = False) -> None:
         self.prompt_id = prompt_id
+        # Submitted by another client id (``follow``): the server sends this client none of its
+        # events, so silence is not a stall; /queue and /history tell how it goes.
+        self.foreign = foreign
         self.events: list[p.Event] = []
         self.last_event = time.monotonic()
         self.finished = False
@@ -179,7 +182,11 @@ class ComfyClient:
     # -- life cycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> ComfyClient:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()  # the HTTP session opened before the socket failed
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -316,10 +323,10 @@ class ComfyClient:
 
     # -- submitting and following ----------------------------------------------------------------
 
-    def _track(self, prompt_id: str) -> _Tracked:
+    def _track(self, prompt_id: str, *, foreign: bool = False) -> _Tracked:
         tracked = self._tracked.get(prompt_id)
         if tracked is None or tracked.finished:
-            tracked = self._tracked[prompt_id] = _Tracked(prompt_id)
+            tracked = self._tracked[prompt_id] = _Tracked(prompt_id, foreign=foreign)
             self._finished.pop(prompt_id, None)
         return tracked
 
@@ -410,6 +417,39 @@ class ComfyClient:
         finally:
             self._forget(prompt_id)
 
+    async def follow(
+        self,
+        prompt_id: str,
+        *,
+        timeout: float | None = None,
+        on_progress: Callback[p.Progress] | None = None,
+        on_event: Callback[p.Event] | None = None,
+    ) -> RunResult:
+        """Wait for a prompt already on the server, submitted by another client (a previous process
+        of the caller's), and return its result as :meth:`run` would.
+
+        The server sends its events only to the client id that submitted it, so unless that was this
+        client's id, ``follow`` learns how it goes from /queue and /history every ``timeouts.poll``
+        seconds and the stall watchdog does not apply. Raises PromptLost when the server does not know
+        the prompt (not queued, not running, no history), and otherwise what :meth:`run` raises.
+        Cancelling the awaiting task stops following; the prompt is left running."""
+        if self._reader is None:
+            await self.connect()
+        self._check_open()
+        if prompt_id in self._tracked and not self._tracked[prompt_id].foreign:
+            raise ValueError(f"prompt {prompt_id} was submitted by this client: await run() instead")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tracked = self._track(prompt_id, foreign=True)
+        started = time.monotonic()
+        try:
+            # Ask at once: the prompt may have ended while nobody listened.
+            entry, _ = await self._reconcile(tracked, started)
+            if entry is not None:
+                return self._result(entry, _RunState(submitted_at=time.time(), started=started))
+            return await self._follow(tracked, deadline, time.time(), started, on_progress, on_event)
+        finally:
+            self._forget(prompt_id)
+
     async def _follow(
         self,
         tracked: _Tracked,
@@ -483,7 +523,7 @@ class ComfyClient:
             return None, now  # waiting behind others is not a stall
         if prompt_id in queue.running:
             stall = self.timeouts.stall
-            if stall is not None and now - max(last_activity, tracked.last_event) >= stall:
+            if stall is not None and not tracked.foreign and now - max(last_activity, tracked.last_event) >= stall:
                 raise StalledTimeout(
                     f"prompt {prompt_id} on {self.base_url} sent no event for {stall:.0f}s while running"
                 )
