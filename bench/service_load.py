@@ -16,8 +16,9 @@ trivial graph (EmptyImage 8×8 → SaveImage, a new colour each time so no cache
 * ``rss``: the service's VmRSS after the warm-up and after the measured jobs. Target < 50 MB growth.
 
 ``throughput`` also gives the service's CPU time per job and how busy it kept one core (from
-``/proc/PID/stat``), which tells a CPU-bound service from one waiting on its disk; ``--store-dir
-/dev/shm`` puts the job store on tmpfs, taking fsync out of the figures.
+``/proc/PID/stat``), which tells a CPU-bound service from one waiting on its disk, and the CPU time
+per job of the harness (this driver and the doubles), which shares the machine's cores with the
+service; ``--store-dir /dev/shm`` puts the job store on tmpfs, taking fsync out of the figures.
 
 Prints JSON.
 
@@ -90,14 +91,14 @@ async def stop(proc: asyncio.subprocess.Process, *, signal_first: bool = False) 
         await proc.wait()
 
 
-async def start_doubles(stack: AsyncExitStack, count: int) -> list[str]:
+async def start_doubles(stack: AsyncExitStack, count: int) -> tuple[asyncio.subprocess.Process, list[str]]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--serve-doubles", str(count),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )
     stack.push_async_callback(stop, proc)
     assert proc.stdout is not None
-    return [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip() for _ in range(count)]
+    return proc, [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip() for _ in range(count)]
 
 
 def free_port() -> int:
@@ -278,9 +279,10 @@ async def latency(path: ServicePath, double_url: str, pairs: int, warmup: int) -
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     jobs, pairs, warmup = (200, 50, 50) if args.quick else (args.jobs, args.pairs, args.warmup)
+    load_at_start = os.getloadavg()[0]
     async with AsyncExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="service-load-", dir=args.store_dir)))
-        urls = await start_doubles(stack, args.backends)
+        doubles, urls = await start_doubles(stack, args.backends)
         port = free_port()
         config = write_config(folder, port, urls, workers=args.workers, max_in_flight=args.max_in_flight)
         proc, url = await start_service(stack, config, port)
@@ -293,10 +295,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         rss_start = rss_mb(proc.pid)
         await throughput(path, warmup, args.submitters)  # warm-up: sockets, caches, first SQLite pages
         rss_before, cpu_before = rss_mb(proc.pid), cpu_s(proc.pid)
+        harness_before = cpu_s(os.getpid()) + cpu_s(doubles.pid)
         load = await throughput(path, jobs, args.submitters)
         rss_after, cpu = rss_mb(proc.pid), cpu_s(proc.pid) - cpu_before
+        harness = cpu_s(os.getpid()) + cpu_s(doubles.pid) - harness_before
         load["service_cpu_ms_per_job"] = round(cpu / jobs * 1000, 3)
         load["service_cpu_busy"] = round(cpu / load["measured_s"], 3)  # 1.0: one core all the time
+        # what this driver and the doubles spent: on a machine with few cores they compete with the
+        # service, and (cores × 1000) / (service + harness ms per job) bounds the jobs/s it can show
+        load["harness_cpu_ms_per_job"] = round(harness / jobs * 1000, 3)
         lat = await latency(path, urls[0], pairs, warmup=10)
         rss_end = rss_mb(proc.pid)
     rss = {"at_ready_mb": round(rss_start, 1), "before_mb": round(rss_before, 1), "after_mb": round(rss_after, 1),
@@ -319,7 +326,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "added_p50_ms": lat["added_p50_ms"] < targets["added_p50_ms_max"],
             "rss_growth_mb": rss["growth_mb"] < targets["rss_growth_mb_max"],
         },
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    # other work on the machine shows here: a load above the core count slows every figure
+                    "loadavg_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)]},
     }
 
 

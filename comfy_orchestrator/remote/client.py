@@ -115,16 +115,27 @@ class ServiceClient:
         *,
         template: str | None = None,
         params: Mapping[str, Any] | None = None,
+        pipeline: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> JobInfo:
-        """Queue an API-format ``graph``, or a service-side ``template`` bound to ``params``.
-        The same ``idempotency_key`` with the same body gives back the same job; with another
-        body it raises ``Conflict`` (422)."""
-        if (graph is None) == (template is None):
-            raise ValueError("give exactly one of `graph` or `template`")
-        body: dict[str, Any] = {"graph": dict(graph)} if graph is not None else {
-            "template": template, "params": dict(params or {})}
+        """Queue an API-format ``graph``, a service-side ``template`` bound to ``params``, or a
+        ``pipeline`` spec (``PipelineSpec`` as JSON; see :meth:`run`). ``inputs`` maps the file names
+        the graph's LoadImage nodes use to ids from :meth:`upload_input`. The same
+        ``idempotency_key`` with the same body gives back the same job; with another body it raises
+        ``Conflict`` (422)."""
+        if sum(x is not None for x in (graph, template, pipeline)) != 1:
+            raise ValueError("give exactly one of `graph`, `template` or `pipeline`")
+        body: dict[str, Any]
+        if graph is not None:
+            body = {"graph": dict(graph)}
+        elif pipeline is not None:
+            body = {"pipeline": dict(pipeline)}
+        else:
+            body = {"template": template, "params": dict(params or {})}
+        if inputs:
+            body["inputs"] = dict(inputs)
         if labels:
             body["labels"] = dict(labels)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
@@ -134,6 +145,22 @@ class ServiceClient:
             raise ProtocolError(f"POST /v1/jobs answered without a job id: {answer!r:.200}")
         log.info("submitted job %s to %s", job_id, self.base_url)
         return await self.job(job_id)
+
+    async def upload_input(self, data: bytes, content_type: str = "image/png") -> str:
+        """Store an input image (PNG, JPEG or WebP) on the service; its id, for ``submit(inputs=…)``."""
+        answer = await self._json("POST", self._url("inputs"), data=data, headers={"Content-Type": content_type})
+        input_id = answer.get("id") if isinstance(answer, dict) else None
+        if not isinstance(input_id, str):
+            raise ProtocolError(f"POST /v1/inputs answered without an id: {answer!r:.200}")
+        return input_id
+
+    async def run(self, job_id: str) -> dict[str, Any]:
+        """A pipeline job as a run: ``cells`` (each image's step, model, prompt, seed, score and output
+        name), ``steps`` and ``grid`` (fetch it with :meth:`download` of ``grid.png``)."""
+        answer = await self._json("GET", self._url("runs", quote(job_id, safe="")))
+        if not isinstance(answer, dict):
+            raise ProtocolError(f"GET /v1/runs/{job_id} answered {answer!r:.200}")
+        return answer
 
     async def job(self, job_id: str) -> JobInfo:
         """The job now, with its output names."""

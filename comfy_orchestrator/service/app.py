@@ -25,25 +25,29 @@ from aiohttp import WSCloseCode, web
 from comfy_orchestrator.errors import BackendError, ComfyTimeout
 from comfy_orchestrator.graph import load_templates
 from comfy_orchestrator.pool import Pool, PoolSettings
-from comfy_orchestrator.service import events, health, jobs, metrics, openapi, outputs
+from comfy_orchestrator.service import dashboard, events, health, inputs, jobs, metrics, openapi, outputs, runs
 from comfy_orchestrator.service.auth import auth_middleware
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.errors import error_middleware
 from comfy_orchestrator.service.keys import (
     CLIENTS,
     LIFECYCLE,
+    MANAGED,
     NOTIFIER,
+    PIPELINES,
     POOL,
     SETTINGS,
     SOCKETS,
     STORE,
     TEMPLATES,
 )
+from comfy_orchestrator.service.managed import Supervisor
 from comfy_orchestrator.service.notifier import Notifier
+from comfy_orchestrator.service.pipeline_jobs import EvaluatorSource, PipelineJobs
 from comfy_orchestrator.service.settings import ServiceSettings
 from comfy_orchestrator.service.state import Lifecycle, Phase
 from comfy_orchestrator.service.worker import Worker
-from comfy_orchestrator.store import Outcome, SQLiteJobStore, reconcile_running
+from comfy_orchestrator.store import JobKind, Outcome, SQLiteJobStore, reconcile_running
 
 __all__ = ["create_app"]
 
@@ -64,17 +68,25 @@ def create_app(
     app[SETTINGS] = settings
     store = SQLiteJobStore(settings.store.path, settings.store.outputs_dir)
     app[STORE] = store
-    app[POOL] = Pool(configs, pool_settings)
+    app[POOL] = Pool(configs, pool_settings or settings.pool.pool_settings())
     app[metrics.METRICS] = metrics.Metrics()
     app[metrics.METRICS].watch(app[POOL])
     app[CLIENTS] = BackendClients(configs)
-    app[TEMPLATES] = load_templates(templates_dir)
+    app[MANAGED] = Supervisor(settings.managed, app[POOL], app[CLIENTS],
+                              default_base_dir=settings.store.path.parent / "comfyui")
+    templates = app[TEMPLATES] = load_templates(templates_dir)
+    state_dir = settings.store.path.parent
+    evaluators = EvaluatorSource(settings.quality, on_score=app[metrics.METRICS].observe_score)
+    app[PIPELINES] = PipelineJobs(store, app[POOL], templates, evaluators,
+                                  work_dir=state_dir / "pipeline-work", cache_dir=state_dir / "pipeline-cache")
     app[NOTIFIER] = Notifier()
     app[LIFECYCLE] = Lifecycle()
     sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
     app[SOCKETS] = sockets
-    for table in (jobs.routes, outputs.routes, events.routes, health.routes, metrics.routes, openapi.routes):
+    for table in (jobs.routes, outputs.routes, events.routes, health.routes, metrics.routes, openapi.routes,
+                  dashboard.routes, runs.routes):
         app.router.add_routes(table)
+    inputs.install(app, settings)  # POST /v1/inputs, the input store and the URL fetcher
     app.cleanup_ctx.append(functools.partial(_lifespan, store=store))
     app.on_shutdown.append(_begin_drain)
     return app
@@ -106,18 +118,24 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
         stack.push_async_callback(clients.close)
         await pool.start()
         stack.push_async_callback(pool.close)
-        await _reconcile(app)
+        await app[MANAGED].start()  # local ComfyUI processes join the pool as each answers
+        stack.push_async_callback(app[MANAGED].stop)  # after the workers are stopped, before the pool closes
         instance = uuid.uuid4().hex[:8]
         templates = app[TEMPLATES]
+        stack.push_async_callback(app[PIPELINES].evaluators.close)
         workers = [
             Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-{n}",
-                   lease_s=settings.server.lease_s)
+                   lease_s=settings.server.lease_s, pipelines=app[PIPELINES], inputs=app[inputs.INPUTS])
             for n in range(settings.server.workers)
         ]
-        tasks = [asyncio.create_task(w.run(lifecycle.stopping), name=f"worker:{w.worker_id}") for w in workers]
+        adopter = Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-adopt",
+                         lease_s=settings.server.lease_s, pipelines=app[PIPELINES])
+        tasks = await _reconcile(app, adopter)
+        tasks += [asyncio.create_task(w.run(lifecycle.stopping), name=f"worker:{w.worker_id}") for w in workers]
         lifecycle.workers = tasks
         lifecycle.phase = Phase.READY
-        log.info("service ready: %d workers, %d backends", len(tasks), len(settings.backends))
+        log.info("service ready: %d workers, %d backends, %d prompts adopted", len(workers), len(pool.backends()),
+                 len(tasks) - len(workers))
         try:
             yield
         finally:
@@ -126,22 +144,31 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
             await _stop_workers(tasks, settings.server.drain_timeout)
 
 
-async def _reconcile(app: web.Application) -> None:
+async def _reconcile(app: web.Application, adopter: Worker) -> list[asyncio.Task[None]]:
+    """Settle what a previous process left running; a prompt still queued or running on its backend
+    is adopted: ``adopter`` holds its lease and follows it to the end (tasks returned)."""
     store, clients = app[STORE], app[CLIENTS]
-    report = await reconcile_running(store, clients)
-    for item in report.follow:  # the pool cannot adopt a prompt it did not submit: take it off, run it again
-        if item.attempt is not None:
-            try:
+    report = await reconcile_running(store, clients, worker_id=adopter.worker_id, lease_s=adopter.lease_s)
+    adopted = app[LIFECYCLE].adopted
+    tasks = []
+    for item in report.of(Outcome.STEP_DONE):  # a pipeline runs again from the top: its cache holds the step
+        await store.release(item.job.id, worker_id=adopter.worker_id, reason="restarted: the pipeline resumes")
+    for item in report.follow:
+        if item.attempt is None:  # FOLLOW always names the attempt found in the backend's queue
+            continue
+        if item.job.kind is JobKind.PIPELINE:  # one prompt of many: take it off, the rerun resubmits it
+            with contextlib.suppress(BackendError, ComfyTimeout):
                 await clients[item.attempt.backend].cancel(item.attempt.prompt_id)
-            except (BackendError, ComfyTimeout) as exc:
-                log.warning("job %s: could not take prompt %s off %s: %s", item.job.id, item.attempt.prompt_id,
-                            item.attempt.backend, exc)
-        await store.release(item.job.id, reason="restarted: resubmitted by the new process")
-        log.info("job %s: was still on %s at start-up; queued again", item.job.id,
-                 item.attempt.backend if item.attempt else "?")
+            await store.release(item.job.id, worker_id=adopter.worker_id, reason="restarted: the pipeline resumes")
+            continue
+        job_id = item.job.id
+        task = asyncio.create_task(adopter.adopt(item.job, item.attempt), name=f"adopt:{job_id}")
+        adopted[job_id] = task
+        task.add_done_callback(lambda _, job_id=job_id: adopted.pop(job_id, None))  # type: ignore[misc]
+        tasks.append(task)
     if report.items:
-        log.info("start-up reconciliation: %s (followed jobs requeued: %d)", report.counts(),
-                 len(report.of(Outcome.FOLLOW)))
+        log.info("start-up reconciliation: %s", report.counts())
+    return tasks
 
 
 async def _stop_workers(tasks: list[asyncio.Task[None]], drain_timeout: float) -> None:

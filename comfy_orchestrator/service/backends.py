@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from comfy_orchestrator.client import ComfyClient
 from comfy_orchestrator.errors import BackendError, ComfyTimeout
 from comfy_orchestrator.graph import Graph, validate
 from comfy_orchestrator.pool import BackendConfig, BackendStatus, Capabilities, NoCapableBackend, Requirements
+from comfy_orchestrator.pool.uploads import IMAGE_LOADERS
 
 __all__ = ["BackendClients", "NoBackendReachable"]
 
@@ -43,6 +44,21 @@ class BackendClients(Mapping[str, ComfyClient]):
     def __len__(self) -> int:
         return len(self._clients)
 
+    def add(self, config: BackendConfig) -> None:
+        """A client for a backend that joins at run time (a managed local ComfyUI once it answers)."""
+        if config.name in self._clients:
+            raise ValueError(f"there is already a client for backend {config.name!r}")
+        self._clients[config.name] = ComfyClient(config.url, headers=config.headers)
+
+    async def remove(self, name: str) -> None:
+        """Forget ``name`` and close its client (a no-op for an unknown name). It is taken out of the
+        mapping before the close is awaited, so no caller picks it up half-closed."""
+        client = self._clients.pop(name, None)
+        self._fetched.pop(name, None)
+        self._capabilities.pop(name, None)
+        if client is not None:
+            await client.close()
+
     async def close(self) -> None:
         await asyncio.gather(*(client.close() for client in self._clients.values()))
 
@@ -61,8 +77,10 @@ class BackendClients(Mapping[str, ComfyClient]):
             self._capabilities[name] = cached
         return cached[1]
 
-    async def check(self, graph: Graph, statuses: Iterable[BackendStatus]) -> str:
+    async def check(self, graph: Graph, statuses: Iterable[BackendStatus], *, input_files: Collection[str] = ()
+                    ) -> str:
         """Validate ``graph`` against the first healthy backend that has what it needs; its name.
+        ``input_files`` are image names the job uploads before it runs: taken as present there.
 
         Raises NoCapableBackend (what each backend lacks), GraphValidationError (ComfyUI's body,
         from that backend's /object_info) or NoBackendReachable."""
@@ -82,8 +100,27 @@ class BackendClients(Mapping[str, ComfyClient]):
             if lacking:
                 missing[status.name] = lacking
                 continue
-            validate(graph, info)
+            validate(graph, _with_input_files(info, input_files) if input_files else info)
             return status.name
         if not reachable:
             raise NoBackendReachable("no backend answered /object_info; try again shortly")
         raise NoCapableBackend(missing)
+
+
+def _with_input_files(info: Mapping[str, Any], names: Collection[str]) -> dict[str, Any]:
+    """``info`` whose image loaders also list ``names`` (as they will once the job's uploads are there)."""
+    out = dict(info)
+    for class_type, input_name in IMAGE_LOADERS.items():
+        entry = (((info.get(class_type) or {}).get("input") or {}).get("required") or {}).get(input_name)
+        if not isinstance(entry, list) or not entry:
+            continue
+        if isinstance(entry[0], list):
+            new_entry = [[*entry[0], *names], *entry[1:]]
+        elif entry[0] == "COMBO" and len(entry) > 1 and isinstance(entry[1], Mapping):
+            new_entry = ["COMBO", {**entry[1], "options": [*(entry[1].get("options") or []), *names]}, *entry[2:]]
+        else:
+            continue
+        node = dict(info[class_type])
+        node["input"] = {**node["input"], "required": {**node["input"]["required"], input_name: new_entry}}
+        out[class_type] = node
+    return out

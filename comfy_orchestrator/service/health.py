@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from comfy_orchestrator.service.keys import LIFECYCLE, POOL
+from comfy_orchestrator.service.keys import LIFECYCLE, MANAGED, POOL
 
 __all__ = ["routes"]
 
@@ -25,11 +25,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/v1/backends")
 async def backends(request: web.Request) -> web.Response:
-    pool = request.app[POOL]
+    pool, supervisor = request.app[POOL], request.app[MANAGED]
     stats = pool.stats()
     items = []
     for status in pool.backends():
         per = stats.backends.get(status.name)
+        managed = supervisor.status(status.name)
         items.append({
             "name": status.name,
             "healthy": status.healthy,
@@ -42,5 +43,13 @@ async def backends(request: web.Request) -> web.Response:
             "last_model": status.last_model,
             "last_error": status.last_error,
             "success_rate": per.success_rate if per is not None else None,
+            "managed": managed.to_json() if managed is not None else None,
         })
+    in_pool = {item["name"] for item in items}
+    for managed in supervisor.statuses():  # a local process that has not answered yet: not in the pool
+        if managed.name not in in_pool:
+            items.append({"name": managed.name, "healthy": False, "draining": False, "breaker": "closed",
+                          "in_flight": 0, "max_in_flight": 0, "node_classes": 0, "models": {},
+                          "last_model": None, "last_error": f"managed process {managed.state.value}",
+                          "success_rate": None, "managed": managed.to_json()})
     return web.json_response({"items": items})

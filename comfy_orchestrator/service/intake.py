@@ -4,6 +4,7 @@ node class and model) and ComfyUI's own validation against that backend's ``/obj
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,44 +13,87 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from comfy_orchestrator.errors import GraphError
 from comfy_orchestrator.graph import Graph, Template
 from comfy_orchestrator.service.errors import ApiError
+from comfy_orchestrator.service.pipeline_jobs import with_default_cache
 from comfy_orchestrator.service.settings import LimitSettings
 from comfy_orchestrator.store import JobKind
 
-__all__ = ["JobRequest", "build_graph", "check_limits", "pixels_of"]
+__all__ = ["JobRequest", "build_graph", "check_limits", "job_inputs", "pixels_of"]
 
-_LABEL = r"^[A-Za-z0-9_.\-]{1,64}$"
+_LABEL = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
 
 
 class JobRequest(BaseModel):
-    """``{"graph": {...}}`` or ``{"template": name, "params": {...}}``, with optional ``labels``."""
+    """``{"graph": {...}}``, ``{"template": name, "params": {...}}`` or ``{"pipeline": {...spec...}}``,
+    with optional ``labels``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     graph: dict[str, Any] | None = None
     template: str | None = Field(None, min_length=1, max_length=200)
     params: dict[str, Any] = Field(default_factory=dict)
+    pipeline: dict[str, Any] | None = None
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    inputs: dict[str, str] = Field(default_factory=dict, max_length=32)  # LoadImage file name -> input id
 
     @model_validator(mode="after")
     def _one_source(self) -> JobRequest:
-        if (self.graph is None) == (self.template is None):
-            raise ValueError("give exactly one of `graph` or `template`")
+        if sum(x is not None for x in (self.graph, self.template, self.pipeline)) != 1:
+            raise ValueError("give exactly one of `graph`, `template` or `pipeline`")
         if self.graph is not None and self.params:
             raise ValueError("`params` goes with `template`, not with `graph`")
         for key, value in self.labels.items():
-            if ":" in key or not key or len(key) > 64 or len(value) > 256:
-                raise ValueError(f"label {key!r}: keys are 1-64 characters without ':', values at most 256")
+            if not re.fullmatch(_LABEL, key) or ".." in key or len(value) > 256:
+                raise ValueError(f"label {key[:80]!r}: keys are 1-64 of A-Z a-z 0-9 _ . - (starting with a letter, "
+                                 "digit or _; no '..'), values at most 256 characters")
+        _check_inputs(self)
         return self
 
     @property
     def kind(self) -> JobKind:
+        if self.pipeline is not None:
+            return JobKind.PIPELINE
         return JobKind.GRAPH if self.graph is not None else JobKind.TEMPLATE
 
     def spec(self) -> dict[str, Any]:
-        """What the store keeps (and idempotency compares)."""
+        """What the store keeps (and idempotency compares); a pipeline's graph steps are cached unless
+        it says otherwise (so a job interrupted mid-way resumes where it was)."""
         if self.graph is not None:
-            return self.graph
-        return {"template": self.template, "params": self.params}
+            return {"prompt": self.graph, "inputs": dict(self.inputs)} if self.inputs else self.graph
+        if self.pipeline is not None:
+            return with_default_cache(self.pipeline)
+        extra = {"inputs": dict(self.inputs)} if self.inputs else {}
+        return {"template": self.template, "params": self.params, **extra}
+
+
+_INPUT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}")
+_INPUT_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_inputs(request: JobRequest) -> None:
+    if request.inputs and request.pipeline is not None:
+        raise ValueError("`inputs` go with `graph` or `template`")
+    for name, input_id in request.inputs.items():
+        if not _INPUT_NAME.fullmatch(name) or ".." in name:
+            raise ValueError(f"inputs: {name[:80]!r} is not a plain file name (letters, digits, _ . - and space, "
+                             "at most 128, no path)")
+        if not _INPUT_ID.fullmatch(input_id):
+            raise ValueError(f"inputs.{name}: {input_id[:80]!r} is not an input id from POST /v1/inputs")
+    if request.inputs and request.graph is not None and not all(
+            isinstance(node, Mapping) and "class_type" in node for node in request.graph.values()):
+        raise ValueError("with `inputs`, `graph` must be an API-format graph ({node id: {class_type, inputs}})")
+
+
+def job_inputs(kind: JobKind | str, spec: Mapping[str, Any]) -> dict[str, str]:
+    """A stored job's ``inputs`` (file name -> input id); ``{}`` when it names none. A graph job with
+    inputs is kept as ``{"prompt": graph, "inputs": …}``, a form ``Graph.from_dict`` reads as it is."""
+    if kind == JobKind.GRAPH:
+        prompt = spec.get("prompt")
+        if not isinstance(prompt, Mapping) or "class_type" in prompt:
+            return {}
+    elif kind != JobKind.TEMPLATE:
+        return {}
+    inputs = spec.get("inputs")
+    return {str(k): str(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else {}
 
 
 def build_graph(kind: JobKind | str, spec: Mapping[str, Any], templates: Mapping[str, Template]) -> Graph:

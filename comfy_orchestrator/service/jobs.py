@@ -9,12 +9,25 @@ from typing import Any
 from aiohttp import web
 
 from comfy_orchestrator.errors import GraphValidationError
+from comfy_orchestrator.graph import Graph
 from comfy_orchestrator.pool import NoCapableBackend
 from comfy_orchestrator.service.backends import NoBackendReachable
 from comfy_orchestrator.service.errors import ApiError
+from comfy_orchestrator.service.inputs import INPUTS, check_image_names, check_inputs
 from comfy_orchestrator.service.intake import JobRequest, build_graph, check_limits
-from comfy_orchestrator.service.keys import CLIENTS, NOTIFIER, POOL, SETTINGS, STORE, TEMPLATES, TENANT
-from comfy_orchestrator.store import IdempotencyConflict, JobRecord, JobState, QueueFull
+from comfy_orchestrator.service.keys import (
+    CLIENTS,
+    LIFECYCLE,
+    NOTIFIER,
+    PIPELINES,
+    POOL,
+    SETTINGS,
+    STORE,
+    TEMPLATES,
+    TENANT,
+)
+from comfy_orchestrator.service.pipeline_jobs import check_pipeline
+from comfy_orchestrator.store import IdempotencyConflict, JobKind, JobRecord, JobState, QueueFull
 
 __all__ = ["job_json", "routes"]
 
@@ -62,17 +75,16 @@ async def submit(request: web.Request) -> web.Response:
     if key is not None and not 1 <= len(key) <= 200:
         raise ApiError(400, "InvalidIdempotencyKey", "Idempotency-Key must be 1 to 200 characters")
     templates = app[TEMPLATES]
-    graph = build_graph(job_request.kind, job_request.spec(), templates)
-    check_limits(graph, settings.limits)
-    try:
-        await app[CLIENTS].check(graph, app[POOL].backends())
-    except GraphValidationError as exc:
-        raise ApiError(400, "GraphValidationError", exc.summary(),
-                       extra={"comfy_error": exc.error, "node_errors": exc.node_errors}) from None
-    except NoCapableBackend as exc:
-        raise ApiError(400, "NoCapableBackend", str(exc), extra={"missing": exc.missing}) from None
-    except NoBackendReachable as exc:
-        raise ApiError(503, "NoBackendReachable", str(exc), headers={"Retry-After": _RETRY_AFTER_S}) from None
+    if job_request.kind is JobKind.PIPELINE:
+        check_pipeline(job_request.spec(), templates, has_evaluator=app[PIPELINES].evaluators.configured)
+        nodes = 0
+    else:
+        graph = build_graph(job_request.kind, job_request.spec(), templates)
+        check_limits(graph, settings.limits)
+        check_image_names(graph)
+        await check_inputs(app[INPUTS], tenant, job_request.inputs)
+        await _check_runnable(app, graph, input_files=list(job_request.inputs))
+        nodes = len(graph)
     try:
         job, created = await app[STORE].create_job(
             tenant, job_request.kind, job_request.spec(), idempotency_key=key, labels=job_request.labels,
@@ -83,9 +95,22 @@ async def submit(request: web.Request) -> web.Response:
     except QueueFull as exc:
         raise ApiError(429, "QueueFull", str(exc), headers={"Retry-After": _RETRY_AFTER_S}) from None
     if created:
-        app[NOTIFIER].notify()
-        log.info("tenant %s: job %s queued (%s, %d nodes)", tenant, job.id, job.kind.value, len(graph))
+        app[NOTIFIER].job_queued()  # wakes one idle worker and the event readers
+        log.info("tenant %s: job %s queued (%s, %d nodes)", tenant, job.id, job.kind.value, nodes)
     return web.json_response({"id": job.id, "state": job.state.value}, status=202 if created else 200)
+
+
+async def _check_runnable(app: web.Application, graph: Graph, *, input_files: list[str] | None = None) -> None:
+    """Some backend has what ``graph`` needs, and ComfyUI's validation passes against its /object_info."""
+    try:
+        await app[CLIENTS].check(graph, app[POOL].backends(), input_files=input_files or ())
+    except GraphValidationError as exc:
+        raise ApiError(400, "GraphValidationError", exc.summary(),
+                       extra={"comfy_error": exc.error, "node_errors": exc.node_errors}) from None
+    except NoCapableBackend as exc:
+        raise ApiError(400, "NoCapableBackend", str(exc), extra={"missing": exc.missing}) from None
+    except NoBackendReachable as exc:
+        raise ApiError(503, "NoBackendReachable", str(exc), headers={"Retry-After": _RETRY_AFTER_S}) from None
 
 
 async def _job_or_404(request: web.Request) -> JobRecord:
@@ -142,6 +167,10 @@ async def cancel(request: web.Request) -> web.Response:
     pool = app[POOL]
     if job.id in pool.jobs():
         await pool.cancel(job.id)  # interrupts that prompt only, on its backend
+    elif (adopted := app[LIFECYCLE].adopted.get(job.id)) is not None:
+        adopted.cancel()  # a prompt a previous process left running: taken off its backend
+    elif job.kind is JobKind.PIPELINE:
+        await pool.cancel_all({"job": job.id})  # the pipeline's prompts carry its job id
     log.info("tenant %s: job %s cancelled", tenant, job.id)
     cancelled = await _job_or_404(request)
     return web.json_response(job_json(cancelled))

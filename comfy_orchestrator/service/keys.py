@@ -9,7 +9,9 @@ from aiohttp import web
 from comfy_orchestrator.graph import Template
 from comfy_orchestrator.pool import Pool
 from comfy_orchestrator.service.backends import BackendClients
+from comfy_orchestrator.service.managed import Supervisor
 from comfy_orchestrator.service.notifier import Notifier
+from comfy_orchestrator.service.pipeline_jobs import PipelineJobs
 from comfy_orchestrator.service.settings import ServiceSettings
 from comfy_orchestrator.service.state import Lifecycle
 from comfy_orchestrator.store import JobStore
@@ -17,7 +19,9 @@ from comfy_orchestrator.store import JobStore
 __all__ = [
     "CLIENTS",
     "LIFECYCLE",
+    "MANAGED",
     "NOTIFIER",
+    "PIPELINES",
     "POOL",
     "SETTINGS",
     "SOCKETS",
@@ -33,6 +37,8 @@ CLIENTS = web.AppKey("clients", BackendClients)
 TEMPLATES = web.AppKey("templates", dict[str, Template])
 NOTIFIER = web.AppKey("notifier", Notifier)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+MANAGED = web.AppKey("managed", Supervisor)  # the [managed] local ComfyUI processes (none when not configured)
+PIPELINES = web.AppKey("pipelines", PipelineJobs)  # runs pipeline-kind jobs (and owns the evaluator)
 SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 
 TENANT = web.RequestKey("tenant", str)

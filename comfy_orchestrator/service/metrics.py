@@ -11,9 +11,8 @@ nothing is registered at import, so two apps in one process (the tests) never sh
     comfy_orchestrator_attempts_total{backend,outcome}      pool attempts that ended: succeeded / failed
                                                             / cancelled
     comfy_orchestrator_attempt_seconds{backend,outcome}     dispatch → end of each attempt, per backend
-    comfy_orchestrator_job_score                            quality scores of scored jobs (pipeline jobs
-                                                            call ``observe_score``; template and graph
-                                                            jobs carry no score, so it stays empty today)
+    comfy_orchestrator_image_score                          every quality score the evaluator gave an image
+                                                            of a pipeline job (CLIPScore scale, 0..2.5)
     comfy_orchestrator_http_requests_total{route,method,status}
     comfy_orchestrator_http_request_seconds{route,method}
 
@@ -49,7 +48,7 @@ _PAGE = 1000
 # A prompt takes from well under a second (a cached graph) to many minutes (video, upscales).
 _ATTEMPT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
-_SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, float("inf"))
+_SCORE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, float("inf"))  # 2.5·max(cos, 0)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _ENDS = {EventKind.DONE: "succeeded", EventKind.RETRIED: "failed", EventKind.FAILED: "failed",
          EventKind.CANCELLED: "cancelled"}
@@ -70,8 +69,8 @@ class Metrics:
                                 ["backend", "outcome"], registry=r)
         self.attempt_seconds = Histogram(f"{_NS}_attempt_seconds", "Time from dispatch to the end of an attempt.",
                                          ["backend", "outcome"], buckets=_ATTEMPT_BUCKETS, registry=r)
-        self.score = Histogram(f"{_NS}_job_score", "Quality scores of scored jobs (0..1).", buckets=_SCORE_BUCKETS,
-                               registry=r)
+        self.score = Histogram(f"{_NS}_image_score", "Quality scores given to the images of pipeline jobs.",
+                               buckets=_SCORE_BUCKETS, registry=r)
         self.requests = Counter(f"{_NS}_http_requests", "HTTP requests answered, by route template and status.",
                                 ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram(f"{_NS}_http_request_seconds", "Time to answer an HTTP request.",
@@ -97,7 +96,7 @@ class Metrics:
         self.attempt_seconds.labels(backend, outcome).observe(max(event.at - at, 0.0))
 
     def observe_score(self, score: float) -> None:
-        """Record the quality score a scored job ended with."""
+        """Record a quality score the evaluator gave an image."""
         self.score.observe(score)
 
     async def refresh(self, store: JobStore, tenants: set[str], pool: Pool) -> None:

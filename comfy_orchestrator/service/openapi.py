@@ -1,10 +1,10 @@
 """``GET /openapi.json``: the service described as an OpenAPI 3.1 document, written by hand.
 
 It is kept next to the routes it describes (``jobs``, ``outputs``, ``events``, ``health``,
-``metrics``) and checked against the running service by schemathesis in the tests
+``metrics``, ``dashboard``) and checked against the running service by schemathesis in the tests
 (``tests/service/test_openapi.py``): every answer is documented, and every JSON body matches its
 schema. Every error body is ``{"error": {"type", "message", ...}}``. Routes under ``/v1`` need a
-bearer token; ``/healthz``, ``/readyz``, ``/metrics`` and this document do not.
+bearer token; ``/healthz``, ``/readyz``, ``/metrics``, the dashboard and this document do not.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from comfy_orchestrator.service.dashboard import ASSETS
 from comfy_orchestrator.service.state import Phase
 from comfy_orchestrator.store import JobKind, JobState
 
@@ -34,9 +35,11 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 _ERRORS = {
     400: "The request is malformed (body, parameters, graph or template); `error.type` says how.",
     401: "No valid bearer token.",
+    403: "Refused by policy: URL inputs are disabled, or the URL's host or address is not allowed.",
     404: "No such job or output for this tenant.",
     409: "The job already ended.",
     413: "The body, the graph's node count or its pixel count is over the limit.",
+    415: "The Content-Type is not one this route takes.",
     422: "The Idempotency-Key was used before with another body.",
     429: "The tenant's queue is full; retry after `Retry-After` seconds.",
     503: "No backend can be reached now; retry after `Retry-After` seconds.",
@@ -80,15 +83,38 @@ def _schemas() -> dict[str, Any]:
         "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
         "JobRequest": {
             "type": "object",
-            "description": "Exactly one of `graph` (an API-format graph) or `template` (with `params`).",
+            "description": "Exactly one of `graph` (an API-format graph), `template` (with `params`) or "
+                           "`pipeline` (a pipeline spec: `{name, steps: [...]}`, as `PipelineSpec` reads it).",
             "additionalProperties": False,
             "properties": {
                 "graph": {"type": "object", "additionalProperties": {"type": "object"}},
                 "template": {"type": "string", "minLength": 1, "maxLength": 200},
                 "params": {"type": "object", "additionalProperties": True},
+                "pipeline": {"type": "object", "additionalProperties": True},
                 "labels": {"type": "object", "maxProperties": 32,
+                           "propertyNames": {"pattern": "^[A-Za-z0-9_][A-Za-z0-9_.\\-]{0,63}$"},
                            "additionalProperties": {"type": "string", "maxLength": 256}},
+                "inputs": {"type": "object", "maxProperties": 32,
+                           "propertyNames": {"pattern": "^[A-Za-z0-9_][A-Za-z0-9_. \\-]{0,127}$"},
+                           "description": "File name used by the graph's LoadImage → input id from "
+                                          "`POST /v1/inputs` (not with `pipeline`).",
+                           "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
             },
+        },
+        "Input": {
+            "type": "object",
+            "required": ["id", "size", "content_type", "width", "height"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "The content's SHA-256."},
+                "size": {"type": "integer", "minimum": 0},
+                "content_type": {"type": "string", "enum": ["image/png", "image/jpeg", "image/webp"]},
+                "width": {"type": "integer", "minimum": 1},
+                "height": {"type": "integer", "minimum": 1},
+            },
+        },
+        "UrlInput": {
+            "type": "object", "required": ["url"], "additionalProperties": False,
+            "properties": {"url": {"type": "string", "minLength": 1, "maxLength": 2048}},
         },
         "Accepted": {
             "type": "object",
@@ -118,6 +144,30 @@ def _schemas() -> dict[str, Any]:
                 "last_model": {"type": ["string", "null"]},
                 "last_error": {"type": ["string", "null"]},
                 "success_rate": {"type": ["number", "null"]},
+                "managed": {
+                    "type": ["object", "null"],
+                    "description": "A local ComfyUI the service runs itself ([managed]); null for a configured one.",
+                    "properties": {"state": {"enum": ["starting", "running", "backoff", "stopped"]},
+                                   "device": {"type": ["string", "null"]}, "pid": {"type": ["integer", "null"]},
+                                   "url": {"type": ["string", "null"]}, "restarts": {"type": "integer"},
+                                   "last_exit": {"type": ["integer", "null"]}},
+                },
+            },
+        },
+        "Run": {
+            "type": "object",
+            "required": ["id", "state", "pipeline", "cells", "steps", "grid"],
+            "properties": {
+                "id": {"type": "string"}, "state": job_properties["state"], "pipeline": {"type": "string"},
+                "cells": {"type": "array", "items": {"type": "object", "properties": {
+                    "step": {"type": ["string", "null"]}, "model": {"type": ["string", "null"]},
+                    "prompt": {"type": ["string", "null"]}, "seed": {"type": ["integer", "null"]},
+                    "score": {"type": ["number", "null"]}, "score_parts": {"type": "object"},
+                    "output": {"type": ["string", "null"]}}}},
+                "steps": {"type": "array", "items": {"type": "object", "required": ["name", "state"]}},
+                "grid": {"type": ["string", "null"], "description": "The grid image's path, once the run succeeded."},
+                "stats": nullable_object,
+                "error": nullable_object,
             },
         },
         "Event": {
@@ -131,6 +181,10 @@ def _schemas() -> dict[str, Any]:
 
 def _job_id() -> dict[str, Any]:
     return {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _run_id() -> dict[str, Any]:
+    return {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _paths() -> dict[str, Any]:
@@ -151,6 +205,22 @@ def _paths() -> dict[str, Any]:
                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.", "security": public,
                                   "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")}}},
+        "/": {"get": {"operationId": "root", "summary": "Redirects to the dashboard.", "security": public,
+                      "responses": {"302": {"description": "To `/dashboard`.",
+                                            "headers": {"Location": {"schema": {"type": "string"}}}}}}},
+        "/dashboard": {"get": {
+            "operationId": "dashboard", "security": public,
+            "summary": "The dashboard page (no token needed to load it; it asks for one for `/v1`).",
+            "responses": {"200": {"description": "The page.",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/dashboard/{asset}": {"get": {
+            "operationId": "dashboardAsset", "summary": "The dashboard's script and style sheet.", "security": public,
+            "parameters": [{"name": "asset", "in": "path", "required": True,
+                            "schema": {"type": "string", "enum": sorted(ASSETS)}}],
+            "responses": {"200": {"description": "The asset.",
+                                  "content": {"text/javascript": {"schema": {"type": "string"}},
+                                              "text/css": {"schema": {"type": "string"}}}},
+                          "404": _json(_ref("Error"), "No such asset.")}}},
         "/v1/backends": {"get": {
             "operationId": "listBackends", "summary": "Each backend's health, capabilities and load.",
             "responses": {"200": _json({"type": "object", "required": ["items"],
@@ -159,7 +229,7 @@ def _paths() -> dict[str, Any]:
         "/v1/jobs": {
             "post": {
                 "operationId": "submitJob",
-                "summary": "Validate a graph or template job and queue it.",
+                "summary": "Validate a graph, template or pipeline job and queue it.",
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
                 "requestBody": {"required": True, "content": {_JSON: {
@@ -184,6 +254,16 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _json(_ref("JobPage"), "A page of jobs."), **_errors(400, 401)},
             },
         },
+        "/v1/inputs": {"post": {
+            "operationId": "createInput",
+            "summary": "Store an input image (the body, or fetched from an allow-listed URL); the same bytes give "
+                       "the same id.",
+            "requestBody": {"required": True, "content": {
+                **{kind: {"schema": {"type": "string", "format": "binary"}}
+                   for kind in ("image/png", "image/jpeg", "image/webp")},
+                _JSON: {"schema": _ref("UrlInput")},
+            }},
+            "responses": {"201": _json(_ref("Input"), "Stored."), **_errors(400, 401, 403, 413, 415)}}},
         "/v1/jobs/{job_id}": {"get": {
             "operationId": "getJob", "summary": "One job, with its output names.", "parameters": [_job_id()],
             "responses": {"200": _json(_ref("Job"), "The job."), **_errors(401, 404)}}},
@@ -199,6 +279,17 @@ def _paths() -> dict[str, Any]:
                                   "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
                           "304": {"description": "Not modified (the ETag matched)."},
                           **_errors(400, 401, 404)}}},
+        "/v1/runs/{run_id}": {"get": {
+            "operationId": "getRun", "summary": "A pipeline job as a run: its images with model, seed and score.",
+            "parameters": [_run_id()],
+            "responses": {"200": _json(_ref("Run"), "The run."), **_errors(401, 404)}}},
+        "/v1/runs/{run_id}/grid.png": {"get": {
+            "operationId": "getRunGrid", "summary": "The run's grid: every image, with its model, seed and score.",
+            "parameters": [_run_id(), {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "A PNG.", "content": {"image/png": {"schema": {
+                "type": "string", "format": "binary"}}}},
+                          "304": {"description": "Not modified (the ETag matched)."},
+                          **_errors(401, 404)}}},
         "/v1/events": {"get": {
             "operationId": "events",
             "summary": "WebSocket: the tenant's events (`Event` as JSON messages), replayed after `after`, then "

@@ -15,7 +15,7 @@ from comfy_orchestrator.service.errors import ApiError
 from comfy_orchestrator.service.keys import STORE, TENANT
 from comfy_orchestrator.store import OutputNotFound
 
-__all__ = ["routes", "safe_name"]
+__all__ = ["routes", "safe_name", "stream_output"]
 
 routes = web.RouteTableDef()
 
@@ -30,10 +30,15 @@ def safe_name(name: str) -> bool:
 
 @routes.get("/v1/jobs/{job_id}/outputs/{name:.+}")
 async def get_output(request: web.Request) -> web.StreamResponse:
-    store, tenant = request.app[STORE], request[TENANT]
     job_id, name = request.match_info["job_id"], request.match_info["name"]
     if not safe_name(name):
         raise ApiError(400, "InvalidOutputName", "output names are <node id>/<file name> as the job lists them")
+    return await stream_output(request, job_id, name)
+
+
+async def stream_output(request: web.Request, job_id: str, name: str) -> web.StreamResponse:
+    """The tenant's output ``name`` of ``job_id`` as the response (ETag, 304, streamed); 404 when absent."""
+    store, tenant = request.app[STORE], request[TENANT]
     output = await store.get_output(tenant, job_id, name)
     if output is None:
         raise ApiError(404, "OutputNotFound", f"job {job_id!r} has no output {name!r}")

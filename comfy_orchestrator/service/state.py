@@ -19,6 +19,9 @@ class Lifecycle:
         self.phase = Phase.STARTING
         self.stopping = asyncio.Event()  # set when draining begins: workers stop claiming
         self.workers: list[asyncio.Task[None]] = []  # the running worker tasks, for a drain to wait on
+        # job id → the task following a prompt a previous process left running; cancelling the task
+        # takes the prompt off its backend (what a tenant's cancel does).
+        self.adopted: dict[str, asyncio.Task[None]] = {}
 
     def drain(self) -> None:
         self.phase = Phase.DRAINING

@@ -22,17 +22,31 @@ import contextlib
 import logging
 import mimetypes
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from comfy_orchestrator.errors import ComfyOrchestratorError, JobCancelled
+from comfy_orchestrator.client import ComfyClient
+from comfy_orchestrator.config import RunResult
+from comfy_orchestrator.errors import BackendError, ComfyOrchestratorError, ComfyTimeout, PromptLost
 from comfy_orchestrator.graph import Template
+from comfy_orchestrator.pipelines import PipelineAborted
 from comfy_orchestrator.pool import EventKind, Pool, PoolEvent, PoolResult
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.errors import ApiError
+from comfy_orchestrator.service.inputs import InputStore, load_uploads
 from comfy_orchestrator.service.intake import build_graph
 from comfy_orchestrator.service.notifier import Notifier
-from comfy_orchestrator.store import JobRecord, JobStore, OutputRecord, StoreError, error_info
+from comfy_orchestrator.service.pipeline_jobs import PipelineJobs
+from comfy_orchestrator.store import (
+    AttemptRecord,
+    AttemptState,
+    JobKind,
+    JobRecord,
+    JobStore,
+    OutputRecord,
+    StoreError,
+    error_info,
+)
 
 __all__ = ["PROGRESS_INTERVAL_S", "Worker"]
 
@@ -55,53 +69,68 @@ class Worker:
         *,
         worker_id: str,
         lease_s: float,
+        pipelines: PipelineJobs | None = None,
+        inputs: InputStore | None = None,
     ) -> None:
         self.store, self.pool, self.clients = store, pool, clients
         self.templates, self.notifier = templates, notifier
+        self.pipelines, self.inputs = pipelines, inputs
         self.worker_id = worker_id
         self.lease_s = lease_s
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            job = await self.store.claim_next(self.worker_id, lease_s=self.lease_s)
-            if job is None:
-                await self.notifier.wait(_IDLE_POLL_S)
-                continue
-            self.notifier.notify()
-            try:
-                await self.process(job)
-            except asyncio.CancelledError:
-                await asyncio.shield(self._release(job))
-                raise
-            except Exception as exc:  # a bug, not the job's fault: keep the worker, end the job visibly
-                log.exception("job %s: worker %s failed on it", job.id, self.worker_id)
-                await self._fail(job, error_info(exc))
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            while not stopping.is_set():
+                generation = self.notifier.generation  # read before the claim: no wake-up is lost
+                job = await self.store.claim_next(self.worker_id, lease_s=self.lease_s)
+                if job is None:
+                    await self._idle(generation, stop)
+                    continue
+                self.notifier.notify()  # its `running` event
+                try:
+                    await self.process(job)
+                except asyncio.CancelledError:
+                    await asyncio.shield(self._release(job))
+                    raise
+                except Exception as exc:  # a bug, not the job's fault: keep the worker, end the job visibly
+                    log.exception("job %s: worker %s failed on it", job.id, self.worker_id)
+                    await self._fail(job, error_info(exc))
+        finally:
+            stop.cancel()
+
+    async def _idle(self, generation: int, stop: asyncio.Future[Any]) -> None:
+        """Until a job is queued in this process (this worker picked to claim it), the service
+        stops, or the next poll (jobs queued by other processes, leases that ran out)."""
+        waiter = self.notifier.next_job(generation)
+        try:
+            await asyncio.wait((waiter, stop), timeout=_IDLE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.notifier.forget(waiter)
 
     async def _release(self, job: JobRecord) -> None:
         if await self.store.release(job.id, worker_id=self.worker_id, reason="service shutting down"):
             log.info("job %s: released back to the queue (shutdown)", job.id)
-        self.notifier.notify()
+        self.notifier.job_queued()
 
     async def process(self, job: JobRecord) -> None:
+        if job.kind is JobKind.PIPELINE:
+            await self._process_pipeline(job)
+            return
         try:
             graph = build_graph(job.kind, job.spec, self.templates)
         except ApiError as exc:
             await self._fail(job, {"type": exc.type, "message": exc.message})
             return
-        keeper = asyncio.create_task(self._keep_lease(job), name=f"lease:{job.id}")
         try:
-            result = await self.pool.run(graph, job_id=job.id, labels=job.labels, on_event=self.recorder(job))
-            outputs = await self._save_outputs(job, result)
-        except JobCancelled as exc:
-            await self._fail(job, error_info(exc))  # a no-op when the tenant cancelled it in the store
-            return
-        except (ComfyOrchestratorError, OSError) as exc:
+            async with self._leased(job):
+                uploads = await load_uploads(self.inputs, job)  # InputNotFound fails the job
+                result = await self.pool.run(graph, job_id=job.id, labels=job.labels, uploads=uploads,
+                                             on_event=self.recorder(job))
+                outputs = await self._save_outputs(job, result)
+        except (ComfyOrchestratorError, OSError) as exc:  # JobCancelled too: a no-op when the tenant cancelled
             await self._fail(job, error_info(exc))
             return
-        finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
         summary = {"backend": result.backend, "prompt_id": result.result.prompt_id,
                    "outputs": [o.name for o in outputs], "attempts": len(result.attempts),
                    "execution_s": result.result.timings.execution_s}
@@ -109,24 +138,106 @@ class Worker:
             log.info("job %s: succeeded on %s with %d outputs", job.id, result.backend, len(outputs))
         self.notifier.notify()
 
+    async def _process_pipeline(self, job: JobRecord) -> None:
+        if self.pipelines is None:
+            await self._fail(job, {"type": "Unsupported", "message": "this worker runs no pipeline jobs"})
+            return
+        try:
+            async with self._leased(job):
+                summary, outputs = await self.pipelines.run(job, self.recorder(job), self.notifier.notify)
+        except ApiError as exc:
+            await self._fail(job, {"type": exc.type, "message": exc.message})
+            return
+        except PipelineAborted as exc:
+            await self._fail(job, {**error_info(exc), "step": exc.step})
+            return
+        except (ComfyOrchestratorError, OSError) as exc:
+            await self._fail(job, error_info(exc))
+            return
+        if await self.store.complete_job(job.id, summary, outputs):
+            log.info("job %s: pipeline %s finished with %d outputs", job.id, summary["pipeline"], len(outputs))
+        self.notifier.notify()
+
     async def _fail(self, job: JobRecord, error: dict[str, Any]) -> None:
         if await self.store.fail_job(job.id, error):
             log.info("job %s: failed: %s", job.id, error.get("message"))
         self.notifier.notify()
 
-    async def _keep_lease(self, job: JobRecord) -> None:
+    @contextlib.asynccontextmanager
+    async def _leased(self, job: JobRecord, *, prompt: tuple[ComfyClient, str] | None = None) -> AsyncIterator[None]:
+        """Keep ``job``'s lease renewed while the body runs (see ``_keep_lease``)."""
+        keeper = asyncio.create_task(self._keep_lease(job, prompt=prompt), name=f"lease:{job.id}")
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep_lease(self, job: JobRecord, *, prompt: tuple[ComfyClient, str] | None = None) -> None:
+        """Renew ``job``'s lease; once it is lost, cancel the job on the pool (or, for an adopted
+        job, its ``prompt`` on its backend)."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             if not await self.store.renew_lease(job.id, self.worker_id, lease_s=self.lease_s):
-                log.info("job %s: lease lost (cancelled or reclaimed); cancelling it on the pool", job.id)
-                if job.id in self.pool.jobs():
+                log.info("job %s: lease lost (cancelled or reclaimed); cancelling its prompt", job.id)
+                if prompt is not None:
+                    client, prompt_id = prompt
+                    with contextlib.suppress(ComfyOrchestratorError, TimeoutError):
+                        await client.cancel(prompt_id)
+                elif job.id in self.pool.jobs():
                     await self.pool.cancel(job.id)
+                else:  # a pipeline's prompts carry the job's id as a label
+                    await self.pool.cancel_all({"job": job.id})
                 return
 
+    async def adopt(self, job: JobRecord, attempt: AttemptRecord) -> None:
+        """Follow a prompt a previous process submitted and left running (start-up reconciliation
+        found it in its backend's queue and gave this worker the lease): wait for it on that backend,
+        then store its outputs and complete the job, as if this process had submitted it.
+
+        A prompt the backend lost meanwhile, or a backend that stays unreachable, sends the job back
+        to the queue (attempt ``lost``); a failed prompt fails the job; a cancel from the tenant
+        interrupts the prompt. Cancelled (shutdown): the prompt is taken off its backend and the job
+        released, as for a job this process submitted."""
+        client = self.clients.get(attempt.backend)
+        if client is None:
+            await self.store.release(job.id, worker_id=self.worker_id, attempt_state=AttemptState.LOST,
+                                     reason=f"backend {attempt.backend} is no longer configured")
+            self.notifier.job_queued()
+            return
+        log.info("job %s: following prompt %s left running on %s", job.id, attempt.prompt_id, attempt.backend)
+        try:
+            async with self._leased(job, prompt=(client, attempt.prompt_id)):
+                result = await client.follow(attempt.prompt_id)
+                outputs = await self._save_result_outputs(job, attempt.backend, result)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ComfyOrchestratorError, TimeoutError):
+                async with asyncio.timeout(5):
+                    await asyncio.shield(client.cancel(attempt.prompt_id))
+            await asyncio.shield(self._release(job))
+            raise
+        except (PromptLost, BackendError, ComfyTimeout) as exc:
+            await self.store.release(job.id, worker_id=self.worker_id, attempt_state=AttemptState.LOST,
+                                     error=error_info(exc), reason=f"resubmitted: {exc}")
+            self.notifier.job_queued()
+            return
+        except (ComfyOrchestratorError, OSError) as exc:
+            await self._fail(job, error_info(exc))
+            return
+        summary = {"backend": attempt.backend, "prompt_id": result.prompt_id, "outputs": [o.name for o in outputs],
+                   "attempts": attempt.n, "adopted": True}
+        if await self.store.complete_job(job.id, summary, outputs):
+            log.info("job %s: adopted prompt %s succeeded on %s", job.id, result.prompt_id, attempt.backend)
+        self.notifier.notify()
+
     async def _save_outputs(self, job: JobRecord, result: PoolResult) -> list[OutputRecord]:
-        client = self.clients[result.backend]
+        return await self._save_result_outputs(job, result.backend, result.result)
+
+    async def _save_result_outputs(self, job: JobRecord, backend: str, result: RunResult) -> list[OutputRecord]:
+        client = self.clients[backend]
         saved = []
-        for node_id, output in result.result.outputs.items():
+        for node_id, output in result.outputs.items():
             for ref in output.files:
                 if ref.type != "output":
                     continue
@@ -144,7 +255,7 @@ class Worker:
             data: dict[str, Any] = {"backend": event.backend, "attempt": event.attempt}
             if event.kind is EventKind.DISPATCHED:
                 if event.backend is not None and event.prompt_id is not None:
-                    await self._start_attempt(job, event.backend, event.prompt_id)
+                    await self._start_attempt(job, event.backend, event.prompt_id, event.labels.get("step"))
                 return
             if event.kind is EventKind.PROGRESS:
                 now = time.monotonic()
@@ -163,9 +274,9 @@ class Worker:
 
         return record
 
-    async def _start_attempt(self, job: JobRecord, backend: str, prompt_id: str) -> None:
+    async def _start_attempt(self, job: JobRecord, backend: str, prompt_id: str, step: str | None) -> None:
         try:
-            await self.store.start_attempt(job.id, backend, prompt_id)
+            await self.store.start_attempt(job.id, backend, prompt_id, step=step)
         except StoreError as exc:  # cancelled meanwhile: the lease keeper cancels it on the pool
             log.info("job %s: attempt on %s not recorded: %s", job.id, backend, exc)
         self.notifier.notify()

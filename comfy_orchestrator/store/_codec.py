@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from comfy_orchestrator.store.errors import InvalidCursor
@@ -16,6 +16,7 @@ from comfy_orchestrator.store.types import JobKind
 __all__ = ["body_hash", "decode_cursor", "dumps", "encode_cursor", "error_info", "from_us", "loads", "to_us"]
 
 _CURSOR_PREFIX = "c1."
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def dumps(value: Any) -> str:
@@ -27,11 +28,17 @@ def loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def body_hash(kind: JobKind | str, spec: Mapping[str, Any], labels: Mapping[str, str] | None) -> str:
+def body_hash(
+    kind: JobKind | str, spec: Mapping[str, Any], labels: Mapping[str, str] | None, *, spec_json: str | None = None
+) -> str:
     """SHA-256 of the canonical JSON of what a create call asked for: same request, same hash,
-    whatever the key order (the idempotency check compares these)."""
-    body = {"kind": str(kind), "spec": spec, "labels": dict(labels or {})}
-    return hashlib.sha256(dumps(body).encode()).hexdigest()
+    whatever the key order (the idempotency check compares these). ``spec_json``, when the caller
+    already has ``dumps(spec)``, saves encoding the spec twice (the text is the same)."""
+    if spec_json is None:
+        spec_json = dumps(spec)
+    # dumps({"kind": …, "labels": …, "spec": …}) spelled out: keys sorted, no spaces
+    body = f'{{"kind":{dumps(str(kind))},"labels":{dumps(dict(labels or {}))},"spec":{spec_json}}}'
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def to_us(t: float) -> int:
@@ -40,8 +47,7 @@ def to_us(t: float) -> int:
 
 
 def from_us(us: int) -> datetime:
-    seconds, micro = divmod(us, 1_000_000)
-    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micro)
+    return _EPOCH + timedelta(microseconds=us)  # exact, and half the cost of fromtimestamp
 
 
 def encode_cursor(created_us: int, job_id: str) -> str:

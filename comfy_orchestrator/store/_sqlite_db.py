@@ -1,24 +1,57 @@
-"""The SQLite store's database: one connection used one transaction at a time, and the schema as
-numbered migrations applied on open (``schema_version`` says where a file is). Times are integer
-microseconds since the epoch; JSON is stored as text."""
+"""The SQLite store's database: a writer and a reader connection, each confined to a thread of its
+own, and the schema as numbered migrations applied on open (``schema_version`` says where a file
+is). Times are integer microseconds since the epoch; JSON is stored as text.
+
+Writes are group-committed. ``write(op)`` queues ``op`` (a plain function of the connection that
+runs its statements); whenever the writer thread is free, everything queued so far goes to it as
+one batch: one transaction, each operation inside a savepoint of its own, one commit (one fsync
+with ``synchronous=FULL``), and only then is every caller answered. An operation that raises is
+rolled back to its savepoint and its caller gets the error; the others in the batch commit. The
+operations of a batch run one after another, in the order they were queued, so each sees what the
+ones before it wrote, exactly as if they had committed one by one; a caller's ``await`` still
+returns only once its change is durable. A lone write is a batch of one: nothing waits for
+company, so an idle store answers as fast as before.
+
+Reads (``read(op)``) are batched the same way on the reader connection's thread, in one read
+transaction per batch; in WAL mode they see every committed transaction and never wait for the
+writer. Either way, one trip to a thread per batch replaces one per statement.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import queue
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from typing import Any, TypeVar
 
 from comfy_orchestrator.store.errors import StoreClosed, StoreError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database", "connect", "migrate"]
+__all__ = [
+    "MAX_BATCH",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Database",
+    "Outcome",
+    "connect",
+    "migrate",
+    "run_reads",
+    "run_writes",
+]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], T]
+
+MAX_BATCH = 256
+"""Operations one transaction takes at most: the latency of the last one in a batch stays bounded."""
 
 _V1 = (
     """CREATE TABLE jobs (
@@ -97,100 +130,282 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-async def migrate(db: aiosqlite.Connection, path: str) -> int:
+def migrate(db: sqlite3.Connection, path: str) -> int:
     """Bring the database to ``SCHEMA_VERSION`` in one transaction; the version it was at."""
-    await db.execute("BEGIN IMMEDIATE")
+    db.execute("BEGIN IMMEDIATE")
     try:
-        await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        rows = list(await db.execute_fetchall("SELECT version FROM schema_version"))
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        rows = db.execute("SELECT version FROM schema_version").fetchall()
         found = int(rows[0][0]) if rows else 0
         if found > SCHEMA_VERSION:
             raise StoreError(f"{path} has schema version {found}; this code knows up to {SCHEMA_VERSION}")
         for version in range(found, SCHEMA_VERSION):
             for statement in MIGRATIONS[version]:
-                await db.execute(statement)
+                db.execute(statement)
         if not rows:
-            await db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         elif found != SCHEMA_VERSION:
-            await db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
     except BaseException:
-        await db.rollback()
+        db.rollback()
         raise
-    await db.commit()
+    db.execute("COMMIT")
     if found != SCHEMA_VERSION:
         log.info("%s: schema migrated from version %d to %d", path, found, SCHEMA_VERSION)
     return found
 
 
-async def connect(path: Path, *, synchronous: str, busy_timeout: float) -> aiosqlite.Connection:
-    """A connection in autocommit mode (the store opens its own transactions), WAL, rows by name,
-    the schema at ``SCHEMA_VERSION``."""
-    db = await aiosqlite.connect(path, isolation_level=None)
+def connect(path: Path, *, synchronous: str, busy_timeout: float, writer: bool = True) -> sqlite3.Connection:
+    """A connection in autocommit mode (the store opens its own transactions), WAL, rows by name;
+    the writer also brings the schema to ``SCHEMA_VERSION``. Usable from any one thread at a time."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.row_factory = sqlite3.Row
-        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        (mode,) = next(iter(await db.execute_fetchall("PRAGMA journal_mode = WAL")))
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {mode})")
-        await db.execute(f"PRAGMA synchronous = {synchronous}")
-        await db.execute("PRAGMA foreign_keys = ON")
-        await migrate(db, str(path))
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if writer:
+            (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {mode})")
+        db.execute(f"PRAGMA synchronous = {synchronous}")
+        db.execute("PRAGMA foreign_keys = ON")
+        if writer:
+            migrate(db, str(path))
+        else:
+            db.execute("PRAGMA query_only = ON")
     except BaseException:
-        await db.close()
+        db.close()
         raise
     return db
 
 
+Outcome = tuple[bool, Any]
+"""An operation's (True, result) or (False, the exception it raised)."""
+
+
+def run_writes(db: sqlite3.Connection, ops: list[Op[Any]]) -> list[Outcome]:
+    """Run ``ops`` in one transaction, each in a savepoint; their outcomes once the commit is
+    durable. Raises when the transaction as a whole failed (BEGIN, COMMIT, or an error after which
+    SQLite rolled everything back): then nothing of it was committed."""
+    outcomes: list[Outcome] = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            db.execute("SAVEPOINT op")
+            try:
+                result = op(db)
+            except Exception as exc:
+                if not db.in_transaction:  # SQLite rolled the whole transaction back (I/O error, disk full…)
+                    raise
+                db.execute("ROLLBACK TO op")
+                db.execute("RELEASE op")
+                outcomes.append((False, exc))
+            else:
+                db.execute("RELEASE op")
+                outcomes.append((True, result))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def run_reads(db: sqlite3.Connection, ops: list[Op[Any]]) -> list[Outcome]:
+    """Run ``ops`` one after another in one read transaction (one snapshot, taken after every one
+    of them was queued: each sees what had committed before it was asked for)."""
+    outcomes: list[Outcome] = []
+    db.execute("BEGIN")
+    try:
+        for op in ops:
+            try:
+                outcomes.append((True, op(db)))
+            except Exception as exc:
+                outcomes.append((False, exc))
+    finally:
+        if db.in_transaction:
+            db.execute("COMMIT")
+    return outcomes
+
+
+@dataclass(slots=True)
+class _Queued:
+    op: Op[Any]
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+class _Lane:
+    """One connection on a thread of its own, fed batches of operations.
+
+    Callers queue operations on the event loop; whenever the thread is free, everything queued so
+    far (at most ``MAX_BATCH``) goes to it as one batch, run by ``run`` (``run_writes`` or
+    ``run_reads``); the outcomes come back to the loop in one callback, which answers the callers
+    and hands the thread the next batch. No task and one trip per batch, however many callers."""
+
+    def __init__(self, name: str, run: Callable[[sqlite3.Connection, list[Op[Any]]], list[Outcome]]) -> None:
+        self.name = name
+        self._run = run
+        self._db: sqlite3.Connection | None = None
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queued: list[_Queued] = []
+        self._running: list[_Queued] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.batches = 0
+        """Batches run to the end (for the writer: transactions committed)."""
+
+    async def start(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+        self._thread.start()
+        try:
+            self._db = await self._call(connect)
+        except BaseException:
+            self._jobs.put(None)
+            raise
+
+    async def stop(self) -> None:
+        """Let every queued batch run, close the connection, end the thread."""
+        await self._idle.wait()
+        db, self._db = self._db, None
+        if db is not None:
+            await self._call(db.close)
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def _post(self, fn: Callable[[], T], done: Callable[[bool, Any], None]) -> None:
+        """Run ``fn`` on the thread, then ``done(ok, result or exception)`` on the loop."""
+        loop = self._loop
+        assert loop is not None
+
+        def job() -> None:
+            try:
+                outcome: Outcome = (True, fn())
+            except BaseException as exc:
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to answer
+                loop.call_soon_threadsafe(done, *outcome)
+
+        self._jobs.put(job)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+
+        def done(ok: bool, value: Any) -> None:
+            if not future.done():
+                (future.set_result if ok else future.set_exception)(value)
+
+        self._post(fn, done)
+        return await future
+
+    async def submit(self, op: Op[T]) -> T:
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queued.append(_Queued(op, future))
+        if self._idle.is_set():
+            self._next_batch()
+        return await future
+
+    def _next_batch(self) -> None:
+        batch = [q for q in self._queued[:MAX_BATCH] if not q.future.cancelled()]  # cancelled: never run
+        del self._queued[:MAX_BATCH]
+        if not batch:
+            if self._queued:
+                self._next_batch()
+            else:
+                self._idle.set()
+            return
+        self._idle.clear()
+        self._running = batch
+        db = self._db
+        assert db is not None
+        run, ops = self._run, [q.op for q in batch]
+        self._post(lambda: run(db, ops), self._batch_done)
+
+    def _batch_done(self, ok: bool, value: Any) -> None:
+        batch, self._running = self._running, []
+        if ok:
+            self.batches += 1
+        else:
+            log.warning("%s: a batch of %d operations failed: %r", self.name, len(batch), value)
+        outcomes: list[Outcome] = value if ok else [(False, value)] * len(batch)
+        for q, (op_ok, result) in zip(batch, outcomes, strict=True):
+            if not q.future.done():
+                (q.future.set_result if op_ok else q.future.set_exception)(result)
+        self._next_batch()
+
+
 class Database:
-    """One connection to ``path`` and an ``asyncio.Lock`` that keeps one transaction (or read) on it
-    at a time, so coroutines never see each other's uncommitted rows. Write transactions open with
-    ``BEGIN IMMEDIATE``: the write lock is taken up front, so processes sharing the file serialise
-    instead of failing to upgrade a read lock."""
+    """A writer and a reader connection to ``path``, each on a thread of its own (see the module's
+    docstring): ``write`` group-commits, ``read`` batches too."""
 
     def __init__(self, path: Path, *, synchronous: str, busy_timeout: float) -> None:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._writer = _Lane(f"sqlite-writer:{path.name}", run_writes)
+        self._reader = _Lane(f"sqlite-reader:{path.name}", run_reads)
+        self._open_lock = asyncio.Lock()
+        self._opened = False
         self._closed = False
 
     async def open(self) -> None:
         if self._closed:
             raise StoreClosed(f"store {self.path} is closed; make a new one")
-        async with self._lock:
-            if self._db is None:
-                await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
-                self._db = await connect(self.path, synchronous=self.synchronous, busy_timeout=self.busy_timeout)
+        async with self._open_lock:
+            if self._opened:
+                return
+            await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+            await self._writer.start(functools.partial(self._connect, writer=True))  # migrates first
+            try:
+                await self._reader.start(functools.partial(self._connect, writer=False))
+            except BaseException:
+                await self._writer.stop()
+                raise
+            self._opened = True
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (a batch of writes is one)."""
+        return self._writer.batches
+
+    def _connect(self, *, writer: bool) -> sqlite3.Connection:
+        return connect(self.path, synchronous=self.synchronous, busy_timeout=self.busy_timeout, writer=writer)
 
     async def close(self) -> None:
+        """Refuse new calls, let the queued ones run (writes commit), close both connections."""
         if self._closed:
             return
         self._closed = True
-        async with self._lock:  # let a transaction in progress finish
-            db, self._db = self._db, None
-            if db is not None:
-                await db.close()
+        async with self._open_lock:
+            if self._opened:
+                await self._writer.stop()
+                await self._reader.stop()
 
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
+    def _refuse_if_closed(self) -> None:
+        if self._closed or not self._opened:
             raise StoreClosed(f"store {self.path} is {'closed' if self._closed else 'not open'}")
-        return self._db
 
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction, committed when the block ends, rolled back when it raises."""
-        async with self._lock:
-            db = self._conn()
-            try:  # BEGIN inside: cancelled while it waits for the write lock, it still runs; roll it back
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.commit()
-            except BaseException:
-                await db.rollback()  # a no-op when no transaction is open
-                raise
+    async def write(self, op: Op[T]) -> T:
+        """Run ``op`` in the next group-committed transaction; its result once that committed.
+
+        Cancelled before its batch started, ``op`` never runs; cancelled later, it may still commit
+        (as a request whose answer was lost may have)."""
+        self._refuse_if_closed()
+        return await self._writer.submit(op)
+
+    async def read(self, op: Op[T]) -> T:
+        """Run ``op`` on the reader connection: it sees every transaction committed before it was
+        called."""
+        self._refuse_if_closed()
+        return await self._reader.submit(op)
 
     async def fetch(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        """One read statement (it sees every committed transaction)."""
-        async with self._lock:
-            return list(await self._conn().execute_fetchall(sql, tuple(params)))
+        """One read statement's rows."""
+        args = tuple(params)
+        return await self.read(lambda db: db.execute(sql, args).fetchall())

@@ -1,12 +1,11 @@
-"""The SQL of the SQLite store: each function runs inside a transaction the store opened."""
+"""The SQL of the SQLite store: plain functions of a connection, run on its thread; the writing ones
+inside a transaction the store opened (one savepoint of a group commit)."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
-
-import aiosqlite
 
 from comfy_orchestrator.store._codec import decode_cursor, dumps, from_us, loads
 from comfy_orchestrator.store.errors import IdempotencyConflict, JobNotFound, JobNotRunning, QueueFull
@@ -35,52 +34,52 @@ __all__ = [
 ]
 
 COUNT_ACTIVE_SQL = "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN ('queued', 'running')"
-OUTPUTS_SQL = "SELECT o.* FROM outputs o JOIN jobs j ON j.id = o.job_id WHERE o.job_id = ? AND j.tenant = ?"
-"""A job's outputs, only when the job is the tenant's."""
+OUTPUTS_SQL = ("SELECT o.*, j.state AS job_state FROM outputs o JOIN jobs j ON j.id = o.job_id "
+               "WHERE o.job_id = ? AND j.tenant = ?")
+"""A job's outputs, only when the job is the tenant's, with the job's state."""
 
 _ATTEMPT_COLUMNS = ("job_id", "n", "backend", "prompt_id", "state", "started_us", "ended_us", "error", "step")
 
 
-async def one(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-    async with db.execute(sql, tuple(params)) as cursor:
-        row: sqlite3.Row | None = await cursor.fetchone()
-        return row
+def one(db: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.execute(sql, tuple(params)).fetchone()
+    return row
 
 
-async def job_row(db: aiosqlite.Connection, job_id: str, tenant: str | None = None) -> sqlite3.Row:
+def job_row(db: sqlite3.Connection, job_id: str, tenant: str | None = None) -> sqlite3.Row:
     """The job's bookkeeping columns; ``JobNotFound`` when it is missing (or another tenant's)."""
-    row = await one(db, "SELECT id, tenant, state, attempts, lease_owner FROM jobs WHERE id = ?", (job_id,))
+    row = one(db, "SELECT id, tenant, state, attempts, lease_owner FROM jobs WHERE id = ?", (job_id,))
     if row is None or (tenant is not None and row["tenant"] != tenant):
         raise JobNotFound(job_id)
     return row
 
 
-async def count_active(db: aiosqlite.Connection, tenant: str) -> int:
-    row = await one(db, COUNT_ACTIVE_SQL, (tenant,))
+def count_active(db: sqlite3.Connection, tenant: str) -> int:
+    row = one(db, COUNT_ACTIVE_SQL, (tenant,))
     return 0 if row is None else int(row[0])
 
 
-async def event(
-    db: aiosqlite.Connection, job_id: str, tenant: str, type: str, data: Mapping[str, Any], now: int
+def event(
+    db: sqlite3.Connection, job_id: str, tenant: str, type: str, data: Mapping[str, Any], now: int
 ) -> EventRecord:
     text = dumps(dict(data))
-    cursor = await db.execute("INSERT INTO events (job_id, tenant, type, data, at_us) VALUES (?, ?, ?, ?, ?)",
+    cursor = db.execute("INSERT INTO events (job_id, tenant, type, data, at_us) VALUES (?, ?, ?, ?, ?)",
                               (job_id, tenant, str(type), text, now))
     assert cursor.lastrowid is not None
     return EventRecord(cursor.lastrowid, job_id, tenant, str(type), loads(text), from_us(now))
 
 
-async def end_attempts(
-    db: aiosqlite.Connection, job_id: str, state: AttemptState, error: Mapping[str, Any] | None, now: int
+def end_attempts(
+    db: sqlite3.Connection, job_id: str, state: AttemptState, error: Mapping[str, Any] | None, now: int
 ) -> None:
     """End the job's open attempt(s) with ``state`` (keeping an error they already carry)."""
-    await db.execute("UPDATE attempts SET state = ?, ended_us = ?, error = COALESCE(?, error) "
+    db.execute("UPDATE attempts SET state = ?, ended_us = ?, error = COALESCE(?, error) "
                      "WHERE job_id = ? AND state = 'running'",
                      (state.value, now, None if error is None else dumps(error), job_id))
 
 
-async def insert_job(
-    db: aiosqlite.Connection,
+def insert_job(
+    db: sqlite3.Connection,
     *,
     job_id: str,
     tenant: str,
@@ -94,66 +93,68 @@ async def insert_job(
 ) -> tuple[sqlite3.Row, bool]:
     """The idempotent create: the job already under the key (same body), or a new queued one."""
     if idempotency_key is not None:
-        row = await one(db, "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, idempotency_key))
+        row = one(db, "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, idempotency_key))
         if row is not None:
             if row["body_hash"] != digest:
                 raise IdempotencyConflict(tenant, idempotency_key, row["id"])
             return row, False
-    if max_active is not None and await count_active(db, tenant) >= max_active:
+    if max_active is not None and count_active(db, tenant) >= max_active:
         raise QueueFull(tenant, max_active)
-    await db.execute(
+    db.execute(
         "INSERT INTO jobs (id, tenant, kind, spec, state, created_us, updated_us, body_hash, idempotency_key, labels) "
         "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
         (job_id, tenant, kind.value, spec_json, now, now, digest, idempotency_key, dumps(dict(labels))),
     )
-    await db.executemany("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)",
+    db.executemany("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)",
                          [(job_id, k, v) for k, v in labels.items()])
-    await event(db, job_id, tenant, EventType.QUEUED, {"kind": kind.value}, now)
-    row = await one(db, "SELECT * FROM jobs WHERE id = ?", (job_id,))
+    event(db, job_id, tenant, EventType.QUEUED, {"kind": kind.value}, now)
+    row = one(db, "SELECT * FROM jobs WHERE id = ?", (job_id,))
     assert row is not None
     return row, True
 
 
-async def claim(db: aiosqlite.Connection, worker_id: str, until: int, now: int) -> tuple[sqlite3.Row, bool] | None:
+def claim(db: sqlite3.Connection, worker_id: str, until: int, now: int) -> tuple[sqlite3.Row, bool] | None:
     """Lease the oldest running job whose lease ran out, else the oldest queued one; (row, reclaimed)."""
-    row = await one(db, "SELECT id, tenant FROM jobs WHERE state = 'running' AND lease_until_us <= ? "
+    row = one(db, "SELECT id, tenant FROM jobs WHERE state = 'running' AND lease_until_us <= ? "
                         "ORDER BY created_us, id LIMIT 1", (now,))
     reclaimed = row is not None
     if row is None:
-        row = await one(db, "SELECT id, tenant FROM jobs WHERE state = 'queued' ORDER BY created_us, id LIMIT 1")
+        row = one(db, "SELECT id, tenant FROM jobs WHERE state = 'queued' ORDER BY created_us, id LIMIT 1")
     if row is None:
         return None
-    await db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ?, updated_us = ? "
+    db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ?, updated_us = ? "
                      "WHERE id = ?", (worker_id, until, now, row["id"]))
-    await event(db, row["id"], row["tenant"], EventType.RUNNING, {"reclaimed": reclaimed}, now)
-    claimed = await one(db, "SELECT * FROM jobs WHERE id = ?", (row["id"],))
+    event(db, row["id"], row["tenant"], EventType.RUNNING, {"reclaimed": reclaimed}, now)
+    claimed = one(db, "SELECT * FROM jobs WHERE id = ?", (row["id"],))
     assert claimed is not None
     return claimed, reclaimed
 
 
-async def start_attempt(
-    db: aiosqlite.Connection, job_id: str, backend: str, prompt_id: str, step: str | None, now: int
+def start_attempt(
+    db: sqlite3.Connection, job_id: str, backend: str, prompt_id: str, step: str | None, now: int
 ) -> int:
     """Record the next attempt of a running job; its number."""
-    row = await job_row(db, job_id)
+    row = job_row(db, job_id)
     if row["state"] != JobState.RUNNING:
         raise JobNotRunning(job_id, row["state"])
     n = int(row["attempts"]) + 1
-    # One attempt runs at a time: a new one means the pool gave up on the previous (its backend
-    # died, refused it…) and retries elsewhere. Left open, it would be ended with the job, as
-    # ``succeeded`` when the retry succeeds.
-    await end_attempts(db, job_id, AttemptState.FAILED,
-                       {"type": "Retried", "message": f"superseded by attempt {n} on {backend}"}, now)
-    await db.execute("INSERT INTO attempts (job_id, n, backend, prompt_id, state, started_us, step) "
+    # A graph job runs one attempt at a time: a new one means the pool gave up on the previous (its
+    # backend died, refused it…) and retries elsewhere. Left open, it would be ended with the job, as
+    # ``succeeded`` when the retry succeeds. A pipeline's attempts (``step`` set) run side by side and
+    # are ended one by one by their runner.
+    if step is None:
+        end_attempts(db, job_id, AttemptState.FAILED,
+                     {"type": "Retried", "message": f"superseded by attempt {n} on {backend}"}, now)
+    db.execute("INSERT INTO attempts (job_id, n, backend, prompt_id, state, started_us, step) "
                      "VALUES (?, ?, ?, ?, 'running', ?, ?)", (job_id, n, backend, prompt_id, now, step))
-    await db.execute("UPDATE jobs SET attempts = ?, updated_us = ? WHERE id = ?", (n, now, job_id))
-    await event(db, job_id, row["tenant"], EventType.ATTEMPT,
+    db.execute("UPDATE jobs SET attempts = ?, updated_us = ? WHERE id = ?", (n, now, job_id))
+    event(db, job_id, row["tenant"], EventType.ATTEMPT,
                 {"n": n, "backend": backend, "prompt_id": prompt_id, "step": step}, now)
     return n
 
 
-async def finish(
-    db: aiosqlite.Connection,
+def finish(
+    db: sqlite3.Connection,
     job_id: str,
     state: JobState,
     attempt_state: AttemptState,
@@ -165,15 +166,15 @@ async def finish(
     now: int,
 ) -> bool:
     """Move a job to a final state once; False (nothing changed) when it already was in one."""
-    row = await job_row(db, job_id, tenant)
+    row = job_row(db, job_id, tenant)
     if JobState(row["state"]).final:
         return False
-    await end_attempts(db, job_id, attempt_state, error, now)
-    await db.execute(
+    end_attempts(db, job_id, attempt_state, error, now)
+    db.execute(
         "UPDATE jobs SET state = ?, result = ?, error = ?, lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
         "WHERE id = ?",
         (state.value, None if result is None else dumps(result), None if error is None else dumps(error), now, job_id))
-    await event(db, job_id, row["tenant"], EventType(f"job.{state.value}"), event_data, now)
+    event(db, job_id, row["tenant"], EventType(f"job.{state.value}"), event_data, now)
     return True
 
 
@@ -224,7 +225,7 @@ def running_jobs_query(lease_expired_before: int | None) -> tuple[str, list[Any]
     return sql + " ORDER BY j.created_us, j.id", params
 
 
-async def lease(db: aiosqlite.Connection, job_id: str, worker_id: str, until: int, *, renew: bool) -> bool:
+def lease(db: sqlite3.Connection, job_id: str, worker_id: str, until: int, *, renew: bool) -> bool:
     """Extend ``worker_id``'s lease (``renew``), or hand the lease to it whoever held it."""
     params: tuple[Any, ...]
     if renew:
@@ -233,12 +234,12 @@ async def lease(db: aiosqlite.Connection, job_id: str, worker_id: str, until: in
     else:
         sql, params = ("UPDATE jobs SET lease_owner = ?, lease_until_us = ? WHERE id = ? AND state = 'running'",
                        (worker_id, until, job_id))
-    cursor = await db.execute(sql, params)
+    cursor = db.execute(sql, params)
     return cursor.rowcount == 1
 
 
-async def release(
-    db: aiosqlite.Connection,
+def release(
+    db: sqlite3.Connection,
     job_id: str,
     worker_id: str | None,
     attempt_state: AttemptState,
@@ -248,44 +249,44 @@ async def release(
 ) -> bool:
     """A running job back to ``queued``, its open attempt ended; False when it was not running
     (or not held by ``worker_id``)."""
-    row = await job_row(db, job_id)
+    row = job_row(db, job_id)
     if row["state"] != JobState.RUNNING or (worker_id is not None and row["lease_owner"] != worker_id):
         return False
-    await end_attempts(db, job_id, attempt_state, error, now)
-    await db.execute("UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
+    end_attempts(db, job_id, attempt_state, error, now)
+    db.execute("UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
                      "WHERE id = ?", (now, job_id))
-    await event(db, job_id, row["tenant"], EventType.QUEUED, {"reason": reason}, now)
+    event(db, job_id, row["tenant"], EventType.QUEUED, {"reason": reason}, now)
     return True
 
 
-async def end_attempt(
-    db: aiosqlite.Connection, job_id: str, n: int, state: AttemptState, error: Mapping[str, Any] | None, now: int
+def end_attempt(
+    db: sqlite3.Connection, job_id: str, n: int, state: AttemptState, error: Mapping[str, Any] | None, now: int
 ) -> bool:
-    cursor = await db.execute(
+    cursor = db.execute(
         "UPDATE attempts SET state = ?, ended_us = ?, error = ? WHERE job_id = ? AND n = ? AND state = 'running'",
         (state.value, now, None if error is None else dumps(error), job_id, n))
     return cursor.rowcount == 1
 
 
-async def record_output(
-    db: aiosqlite.Connection, job_id: str, name: str, sha256: str, size: int, content_type: str, now: int
+def record_output(
+    db: sqlite3.Connection, job_id: str, name: str, sha256: str, size: int, content_type: str, now: int
 ) -> None:
     """Name a stored blob as the job's output ``name`` (replacing one of that name)."""
-    row = await job_row(db, job_id)
+    row = job_row(db, job_id)
     if JobState(row["state"]).final:
         raise JobNotRunning(job_id, row["state"])
-    await db.execute(
+    db.execute(
         "INSERT INTO outputs (job_id, name, sha256, size, content_type, created_us) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (job_id, name) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size, "
         "content_type = excluded.content_type, created_us = excluded.created_us",
         (job_id, name, sha256, size, content_type, now))
 
 
-async def upsert_step(
-    db: aiosqlite.Connection, job_id: str, name: str, state: StepState, outputs_json: str, data_json: str, now: int
+def upsert_step(
+    db: sqlite3.Connection, job_id: str, name: str, state: StepState, outputs_json: str, data_json: str, now: int
 ) -> None:
-    await job_row(db, job_id)
-    await db.execute(
+    job_row(db, job_id)
+    db.execute(
         "INSERT INTO steps (job_id, name, state, updated_us, outputs, data) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (job_id, name) DO UPDATE SET state = excluded.state, updated_us = excluded.updated_us, "
         "outputs = excluded.outputs, data = excluded.data",

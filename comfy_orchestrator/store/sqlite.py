@@ -5,19 +5,27 @@ whose ``create_job`` returned survives a killed process *and* a power loss or ke
 ``synchronous="NORMAL"`` the log is only fsynced at checkpoints: a commit still survives the process
 being killed (SIGKILL, OOM killer — the WAL pages sit in the OS page cache), but a power loss can
 roll back the last transactions. Jobs cost seconds of GPU time each, so one fsync per commit is
-cheap by comparison; the service answers 202 after the commit, so FULL keeps its promise.
+cheap by comparison (and writes that arrive together share one commit); the service answers 202
+after the commit, so FULL keeps its promise.
 
-Concurrency. One connection per store, and an ``asyncio.Lock`` that keeps one transaction (or read)
-on it at a time: coroutines never see each other's uncommitted rows. Every write transaction opens
-with ``BEGIN IMMEDIATE``, taking SQLite's write lock up front, so processes sharing the file (several
-stores, workers in other processes) serialise on claims, idempotency checks and sequence numbers
-instead of failing with a lock upgrade; ``busy_timeout`` is how long one waits for another. Writes
-being serial, event sequence numbers are handed out in commit order.
+Concurrency. Two connections per store, each on a thread of its own: reads go to one, writes to
+the other, group-committed (``_sqlite_db``): the writes of concurrent callers run one after another
+in one transaction, each in its own savepoint, and every caller is answered after the one commit
+(one fsync for all of them). Each store call is one trip to a thread, not one per statement. A read
+sees only committed transactions. Every write transaction opens with ``BEGIN IMMEDIATE``, taking
+SQLite's write lock up front, so processes sharing the file (several stores, workers in other
+processes) serialise on claims, idempotency checks and sequence numbers instead of failing with a
+lock upgrade; ``busy_timeout`` is how long one waits for another. Writes being serial, event
+sequence numbers are handed out in commit order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import functools
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -50,6 +58,7 @@ log = logging.getLogger(__name__)
 
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
 _MAX_PAGE = 1000
+_OUTPUT_CACHE = 1024  # output records of ended jobs kept in memory
 
 
 class SQLiteJobStore:
@@ -79,6 +88,10 @@ class SQLiteJobStore:
         self.busy_timeout = busy_timeout
         self._clock = clock
         self._db = Database(self.path, synchronous=synchronous, busy_timeout=busy_timeout)
+        # (tenant, job id, name) → the output of a job that had ended when it was read: recording
+        # refuses outputs for ended jobs, so these never change (a download asks twice: the
+        # service's route, then ``open_output``)
+        self._final_outputs: collections.OrderedDict[tuple[str, str, str], OutputRecord] = collections.OrderedDict()
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -99,6 +112,11 @@ class SQLiteJobStore:
     async def close(self) -> None:
         await self._db.close()
 
+    @property
+    def commits(self) -> int:
+        """Write transactions this handle committed: writes that come together share one."""
+        return self._db.commits
+
     def _now(self) -> int:
         return to_us(self._clock())
 
@@ -116,11 +134,11 @@ class SQLiteJobStore:
     ) -> tuple[JobRecord, bool]:
         kind = JobKind(kind)
         labels = {str(k): str(v) for k, v in (labels or {}).items()}
-        digest, spec_json = body_hash(kind, spec, labels), dumps(spec)
-        async with self._db.transaction() as db:
-            row, created = await ops.insert_job(
-                db, job_id=uuid.uuid4().hex, tenant=tenant, kind=kind, spec_json=spec_json, labels=labels,
-                digest=digest, idempotency_key=idempotency_key, max_active=max_active, now=self._now())
+        spec_json = dumps(spec)
+        digest = body_hash(kind, spec, labels, spec_json=spec_json)
+        row, created = await self._db.write(functools.partial(
+            ops.insert_job, job_id=uuid.uuid4().hex, tenant=tenant, kind=kind, spec_json=spec_json, labels=labels,
+            digest=digest, idempotency_key=idempotency_key, max_active=max_active, now=self._now()))
         job = rows.job_from(row)
         if created:
             log.info("job %s queued (tenant %s, %s)", job.id, tenant, kind.value)
@@ -164,8 +182,20 @@ class SQLiteJobStore:
         return int(found[0][0] or 0)
 
     async def get_output(self, tenant: str, job_id: str, name: str) -> OutputRecord | None:
+        key = (tenant, job_id, name)
+        record = self._final_outputs.get(key)
+        if record is not None:
+            self._final_outputs.move_to_end(key)
+            return record
         found = await self._db.fetch(ops.OUTPUTS_SQL + " AND o.name = ?", (job_id, tenant, name))
-        return rows.output_from(found[0], self.blobs.path(found[0]["sha256"])) if found else None
+        if not found:
+            return None
+        record = rows.output_from(found[0], self.blobs.path(found[0]["sha256"]))
+        if JobState(found[0]["job_state"]).final:  # no output of an ended job changes again: keep it
+            self._final_outputs[key] = record
+            if len(self._final_outputs) > _OUTPUT_CACHE:
+                self._final_outputs.popitem(last=False)
+        return record
 
     async def list_outputs(self, tenant: str, job_id: str) -> list[OutputRecord]:
         found = await self._db.fetch(ops.OUTPUTS_SQL + " ORDER BY o.created_us, o.name", (job_id, tenant))
@@ -183,8 +213,7 @@ class SQLiteJobStore:
 
     async def claim_next(self, worker_id: str, *, lease_s: float) -> JobRecord | None:
         now = self._now()
-        async with self._db.transaction() as db:
-            claimed = await ops.claim(db, worker_id, now + to_us(lease_s), now)
+        claimed = await self._db.write(lambda db: ops.claim(db, worker_id, now + to_us(lease_s), now))
         if claimed is None:
             return None
         job = rows.job_from(claimed[0])
@@ -192,12 +221,12 @@ class SQLiteJobStore:
         return job
 
     async def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float) -> bool:
-        async with self._db.transaction() as db:
-            return await ops.lease(db, job_id, worker_id, self._now() + to_us(lease_s), renew=True)
+        until = self._now() + to_us(lease_s)
+        return await self._db.write(lambda db: ops.lease(db, job_id, worker_id, until, renew=True))
 
     async def take_over(self, job_id: str, worker_id: str, *, lease_s: float) -> bool:
-        async with self._db.transaction() as db:
-            return await ops.lease(db, job_id, worker_id, self._now() + to_us(lease_s), renew=False)
+        until = self._now() + to_us(lease_s)
+        return await self._db.write(lambda db: ops.lease(db, job_id, worker_id, until, renew=False))
 
     async def release(
         self,
@@ -208,8 +237,8 @@ class SQLiteJobStore:
         error: Mapping[str, Any] | None = None,
         reason: str = "released",
     ) -> bool:
-        async with self._db.transaction() as db:
-            released = await ops.release(db, job_id, worker_id, AttemptState(attempt_state), error, reason, self._now())
+        state, now = AttemptState(attempt_state), self._now()
+        released = await self._db.write(lambda db: ops.release(db, job_id, worker_id, state, error, reason, now))
         if released:
             log.info("job %s back in the queue: %s", job_id, reason)
         return released
@@ -218,16 +247,15 @@ class SQLiteJobStore:
         self, job_id: str, backend: str, prompt_id: str, *, step: str | None = None
     ) -> AttemptRecord:
         now = self._now()
-        async with self._db.transaction() as db:
-            n = await ops.start_attempt(db, job_id, backend, prompt_id, step, now)
+        n = await self._db.write(lambda db: ops.start_attempt(db, job_id, backend, prompt_id, step, now))
         log.info("job %s attempt %d: prompt %s on %s", job_id, n, prompt_id, backend)
         return AttemptRecord(job_id, n, backend, prompt_id, AttemptState.RUNNING, from_us(now), step=step)
 
     async def finish_attempt(
         self, job_id: str, n: int, state: AttemptState, *, error: Mapping[str, Any] | None = None
     ) -> bool:
-        async with self._db.transaction() as db:
-            return await ops.end_attempt(db, job_id, n, AttemptState(state), error, self._now())
+        state, now = AttemptState(state), self._now()
+        return await self._db.write(lambda db: ops.end_attempt(db, job_id, n, state, error, now))
 
     async def list_attempts(self, job_id: str) -> list[AttemptRecord]:
         found = await self._db.fetch("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))
@@ -254,9 +282,9 @@ class SQLiteJobStore:
         result: Mapping[str, Any] | None = None,
         error: Mapping[str, Any] | None = None,
     ) -> bool:
-        async with self._db.transaction() as db:
-            changed = await ops.finish(db, job_id, state, attempt_state, event_data, tenant=tenant, result=result,
-                                       error=error, now=self._now())
+        changed = await self._db.write(functools.partial(
+            ops.finish, job_id=job_id, state=state, attempt_state=attempt_state, event_data=event_data, tenant=tenant,
+            result=result, error=error, now=self._now()))
         log.log(logging.INFO if changed else logging.DEBUG, "job %s %s%s", job_id, state.value,
                 "" if changed else ": had already ended, nothing changed")
         return changed
@@ -266,9 +294,12 @@ class SQLiteJobStore:
         return [(rows.job_from(r), None if r["a_n"] is None else rows.attempt_from(r, "a_")) for r in found]
 
     async def append_event(self, job_id: str, type: str, data: Mapping[str, Any] | None = None) -> EventRecord:
-        async with self._db.transaction() as db:
-            row = await ops.job_row(db, job_id)
-            return await ops.event(db, job_id, row["tenant"], type, data or {}, self._now())
+        data, now = data or {}, self._now()
+
+        def append(db: sqlite3.Connection) -> EventRecord:
+            return ops.event(db, job_id, ops.job_row(db, job_id)["tenant"], type, data, now)
+
+        return await self._db.write(append)
 
     async def save_output(
         self,
@@ -277,15 +308,19 @@ class SQLiteJobStore:
         data: bytes | AsyncIterable[bytes],
         content_type: str = "application/octet-stream",
     ) -> OutputRecord:
-        found = await self._db.fetch("SELECT state FROM jobs WHERE id = ?", (job_id,))
+        # The job's state is read while the content streams in (an ended job's outputs are refused
+        # here, and again, definitively, in the transaction that records the name).
+        state = asyncio.ensure_future(self._db.fetch("SELECT state FROM jobs WHERE id = ?", (job_id,)))
+        try:
+            blob = await self.blobs.put(data)
+        finally:
+            found = await state
         if not found:
             raise JobNotFound(job_id)
-        if JobState(found[0]["state"]).final:  # checked before streaming anything, and again when recording
+        if JobState(found[0]["state"]).final:
             raise JobNotRunning(job_id, found[0]["state"])
-        blob = await self.blobs.put(data)
         now = self._now()
-        async with self._db.transaction() as db:
-            await ops.record_output(db, job_id, name, blob.sha256, blob.size, content_type, now)
+        await self._db.write(lambda db: ops.record_output(db, job_id, name, blob.sha256, blob.size, content_type, now))
         return OutputRecord(job_id, name, blob.sha256, blob.size, content_type, blob.path, from_us(now))
 
     async def upsert_step(
@@ -298,8 +333,8 @@ class SQLiteJobStore:
         data: Mapping[str, Any] | None = None,
     ) -> StepRecord:
         now, data_json = self._now(), dumps(dict(data or {}))
-        async with self._db.transaction() as db:
-            await ops.upsert_step(db, job_id, name, StepState(state), dumps(list(outputs)), data_json, now)
+        state, outputs_json = StepState(state), dumps(list(outputs))
+        await self._db.write(lambda db: ops.upsert_step(db, job_id, name, state, outputs_json, data_json, now))
         return StepRecord(job_id, name, StepState(state), from_us(now), tuple(outputs), loads(data_json))
 
     async def list_steps(self, job_id: str) -> list[StepRecord]:

@@ -182,3 +182,46 @@ def test_error_bodies_that_are_not_the_services_own() -> None:
     assert type(proxy) is ServiceError
     assert (proxy.status, proxy.type) == (502, "HTTPError")
     assert isinstance(error_from_response(413, {"error": {"type": "TooManyNodes", "message": "m"}}), ValueError)
+
+
+async def test_an_uploaded_input_feeds_a_graph_job(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", (16, 8), (10, 200, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inv"}},
+    }
+    async with running_service(tmp_path) as service, client(service) as remote:
+        input_id = await remote.upload_input(buffer.getvalue())
+        assert input_id == await remote.upload_input(buffer.getvalue())  # content-addressed
+        job = await remote.submit(graph, inputs={"photo.png": input_id})
+        done = await remote.wait(job.id)
+        assert done.state is JobState.SUCCEEDED, done.error
+        out = Image.open(io.BytesIO(await remote.download(done.id, done.outputs[0]))).convert("RGB")
+    assert out.size == (16, 8)
+    pixel = out.getpixel((3, 3))
+    assert isinstance(pixel, tuple)
+    assert all(abs(a - b) <= 1 for a, b in zip(pixel, (245, 55, 225), strict=True))  # 255 - input, ±1 rounding
+
+
+async def test_a_pipeline_job_and_its_run(tmp_path: Path) -> None:
+    spec = {"name": "two-seeds", "steps": [
+        {"name": "draw", "kind": "generate", "template": "sd15_txt2img", "models": ["sd15.safetensors"],
+         "seeds": [3, 4], "params": {"prompt": "a green star", "width": 64, "height": 64, "steps": 3}}]}
+    async with running_service(tmp_path, models={"checkpoints": ["sd15.safetensors"]}) as service, \
+            client(service) as remote:
+        job = await remote.submit(pipeline=spec, labels={"run": "p1"})
+        done = await remote.wait(job.id)
+        assert done.state is JobState.SUCCEEDED, done.error
+        run = await remote.run(job.id)
+        assert [(c["step"], c["seed"]) for c in run["cells"]] == [("draw", 3), ("draw", 4)]
+        assert run["grid"] == f"/v1/runs/{job.id}/grid.png"
+        assert (await remote.download(job.id, "grid.png"))[:4] == b"\x89PNG"
+        with pytest.raises(NotFound):
+            await remote.run("no-such-run")

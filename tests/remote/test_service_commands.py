@@ -111,3 +111,22 @@ async def test_errors_are_one_line_with_an_exit_code(service: Service) -> None:
     rc, _, err = await comfy_orch("status", "x", url=url)
     assert rc == 3
     assert "unreachable" in one_line_error(err)
+
+
+async def test_submit_a_pipeline_spec_file(tmp_path: Path) -> None:
+    spec = tmp_path / "chain.yaml"
+    spec.write_text(
+        "name: cli-pipeline\n"
+        "steps:\n"
+        "  - {name: draw, kind: generate, template: sd15_txt2img, models: [sd15.safetensors], seeds: [1],\n"
+        "     params: {prompt: a red circle, width: 64, height: 64, steps: 3}}\n")
+    async with running_service(tmp_path, models={"checkpoints": ["sd15.safetensors"]}) as service:
+        rc, stdout, err = await comfy_orch("submit", str(spec), "--wait", url=service.url)
+        assert rc == 0, err
+        async with ServiceClient(service.url, TOKENS["acme"]) as remote:
+            job = await remote.job(stdout.split()[0])
+        assert job.kind.value == "pipeline"
+        assert "grid.png" in job.outputs
+        rc, _, err = await comfy_orch("submit", str(spec), "--set", "seed=2", url=service.url)
+        assert rc != 0
+        assert "pipeline spec" in one_line_error(err)

@@ -77,9 +77,12 @@ async def running_service(
     node_delay: float = 0.0,
     limits: Mapping[str, Any] | None = None,
     server: Mapping[str, Any] | None = None,
+    models: Mapping[str, list[str]] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Service]:
+    """``models``: what every double holds; ``extra``: more settings sections (``{"quality": {...}}``)."""
     async with AsyncExitStack() as stack:
-        fakes = [await stack.enter_async_context(FakeComfyUI(name=f"fake-{n}", node_delay=node_delay))
+        fakes = [await stack.enter_async_context(FakeComfyUI(name=f"fake-{n}", node_delay=node_delay, models=models))
                  for n in range(doubles)]
         settings = ServiceSettings.from_mapping({
             "server": {"workers": 2, "lease_s": 10.0, "drain_timeout": 5.0, "heartbeat_s": 5.0, **(server or {})},
@@ -87,6 +90,7 @@ async def running_service(
             "backends": [{"name": f"gpu-{n}", "url": fake.url} for n, fake in enumerate(fakes)],
             "tokens": [{"token": token, "tenant": tenant} for tenant, token in TOKENS.items()],
             "limits": dict(limits or {}),
+            **(extra or {}),
         })
         app = create_app(settings, pool_settings=QUICK)
         runner = web.AppRunner(app, shutdown_timeout=2.0)

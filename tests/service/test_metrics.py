@@ -27,7 +27,7 @@ def _value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
 async def test_metrics_change_after_a_job_runs(service: Service) -> None:
     _, before = await _scrape(service)
     assert _value(before, "attempts_total", backend="gpu-0", outcome="succeeded") == 0
-    assert _value(before, "job_score_count") == 0  # present, empty until scored jobs exist
+    assert _value(before, "image_score_count") == 0  # present, empty until scored jobs exist
 
     async with await service.submit({"graph": ops_graph(), "labels": {"team": "acme-secret"}}) as resp:
         assert resp.status == 202
@@ -79,5 +79,5 @@ async def test_unknown_paths_share_one_series(service: Service) -> None:
 def test_each_app_has_its_own_registry() -> None:
     first, second = Metrics(), Metrics()  # a global registry would refuse the second's names
     first.observe_score(0.75)
-    assert first.registry.get_sample_value("comfy_orchestrator_job_score_count") == 1
-    assert second.registry.get_sample_value("comfy_orchestrator_job_score_count") == 0
+    assert first.registry.get_sample_value("comfy_orchestrator_image_score_count") == 1
+    assert second.registry.get_sample_value("comfy_orchestrator_image_score_count") == 0

@@ -1,5 +1,5 @@
-"""What only the SQLite store has to show: WAL, its schema version, reopening, and that a job whose
-create returned survives the process being killed."""
+"""What only the SQLite store has to show: WAL, its schema version, reopening, that a job whose
+create returned survives the process being killed, and how concurrent writes are group-committed."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import random
 import signal
 import sqlite3
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from comfy_orchestrator.store import JobState, SQLiteJobStore, StoreError
+from comfy_orchestrator.store import JobState, SQLiteJobStore, StoreClosed, StoreError
+from comfy_orchestrator.store._sqlite_db import Database
 from tests.store.conftest import graph
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,3 +93,118 @@ async def test_every_created_job_survives_a_sigkill(tmp_path: Path, synchronous:
     assert len(printed) <= len(stored) <= len(printed) + 3
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+
+async def test_concurrent_creates_share_commits_and_each_is_durable(tmp_path: Path) -> None:
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        before = store.commits
+        results = await asyncio.gather(*(store.create_job("acme", "graph", graph(i)) for i in range(100)))
+        commits = store.commits - before
+        assert all(created for _, created in results)
+        assert 1 <= commits < 100  # the first went alone; the rest waited for it and went together
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:  # another connection: they are all on disk
+        ids = {row[0] for row in conn.execute("SELECT id FROM jobs")}
+        queued = {row[0] for row in conn.execute("SELECT job_id FROM events WHERE type = 'job.queued'")}
+    assert ids == queued == {job.id for job, _ in results}
+
+
+async def test_a_failing_write_is_rolled_back_alone(tmp_path: Path) -> None:
+    """Writes batched into one transaction: the ones that raise leave nothing behind and get their
+    error; their batch mates commit."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        first, _ = await store.create_job("acme", "graph", graph(0), idempotency_key="k")
+        done, _ = await store.create_job("acme", "graph", graph(1))
+        assert await store.claim_next("w", lease_s=60) is not None  # `first`
+        assert await store.claim_next("w", lease_s=60) is not None  # `done`
+        assert await store.complete_job(done.id, {})
+        before = store.commits
+        results = await asyncio.gather(
+            store.create_job("acme", "graph", graph(2)),
+            store.create_job("acme", "graph", graph(3), idempotency_key="k"),  # another body: conflict
+            store.start_attempt(done.id, "gpu-0", "p-late"),  # the job ended: JobNotRunning
+            store.create_job("acme", "graph", graph(4)),
+            store.save_output(done.id, "late.png", b"late"),  # JobNotRunning
+            store.start_attempt(first.id, "gpu-0", "p-1"),
+            return_exceptions=True,
+        )
+        assert store.commits - before < len(results)  # some shared a transaction
+        assert [type(r).__name__ for r in results] == [
+            "tuple", "IdempotencyConflict", "JobNotRunning", "tuple", "JobNotRunning", "AttemptRecord"]
+        listed = {j.id for j in (await store.list_jobs("acme", limit=100)).items}
+        assert listed == {first.id, done.id, results[0][0].id, results[3][0].id}  # type: ignore[index]
+        assert [a.prompt_id for a in await store.list_attempts(first.id)] == ["p-1"]
+        assert await store.list_attempts(done.id) == []
+        assert await store.list_outputs("acme", done.id) == []
+
+
+async def test_what_a_failing_write_did_is_undone_but_its_batch_commits(tmp_path: Path) -> None:
+    db = Database(tmp_path / "jobs.db", synchronous="FULL", busy_timeout=5)
+    await db.open()
+    try:
+        await db.write(lambda conn: conn.execute("CREATE TABLE marks (name TEXT)"))
+
+        def mark(name: str, fail: bool = False) -> Callable[[sqlite3.Connection], object]:
+            def op(conn: sqlite3.Connection) -> object:
+                conn.execute("INSERT INTO marks VALUES (?)", (name,))
+                if fail:
+                    raise ValueError(f"{name} failed after writing")
+                return name
+            return op
+
+        before = db.commits
+        results = await asyncio.gather(
+            db.write(mark("a")), db.write(mark("b")), db.write(mark("c", fail=True)), db.write(mark("d")),
+            return_exceptions=True)
+        assert list(results[:2]) == ["a", "b"]
+        assert results[3] == "d"
+        assert isinstance(results[2], ValueError)
+        assert db.commits - before == 2  # "a" alone, then "b", "c" and "d" together
+        assert sorted(tuple(r) for r in await db.fetch("SELECT name FROM marks")) == [("a",), ("b",), ("d",)]
+    finally:
+        await db.close()
+
+
+async def test_a_write_cancelled_before_its_turn_never_runs(tmp_path: Path) -> None:
+    db = Database(tmp_path / "jobs.db", synchronous="FULL", busy_timeout=5)
+    await db.open()
+    try:
+        release = threading.Event()
+
+        def slow(conn: sqlite3.Connection) -> None:  # holds the writer thread until released
+            release.wait(30)
+            conn.execute("CREATE TABLE marks (name TEXT)")
+
+        def mark(name: str) -> Callable[[sqlite3.Connection], object]:
+            return lambda conn: conn.execute("INSERT INTO marks VALUES (?)", (name,))
+
+        first = asyncio.create_task(db.write(slow))
+        await asyncio.sleep(0)  # `slow` is on the thread now; the next ones queue behind it
+        cancelled = asyncio.create_task(db.write(mark("cancelled")))
+        kept = asyncio.create_task(db.write(mark("kept")))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        release.set()
+        await first
+        await kept
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert [tuple(row) for row in await db.fetch("SELECT name FROM marks")] == [("kept",)]
+    finally:
+        await db.close()
+
+
+async def test_closing_lets_queued_writes_commit_then_refuses(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out")
+    await store.open()
+    creating = [asyncio.create_task(store.create_job("acme", "graph", graph(i))) for i in range(20)]
+    await asyncio.sleep(0)  # all queued
+    await store.close()
+    created = [(await task)[0] for task in creating]
+    with pytest.raises(StoreClosed):
+        await store.create_job("acme", "graph", graph(99))
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as reopened:
+        for job in created:
+            assert await reopened.get_job("acme", job.id) == job
