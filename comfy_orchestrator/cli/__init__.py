@@ -20,6 +20,7 @@ def main(verbose: int) -> None:
 def _register() -> None:
     # Imported for their side effect of adding commands to ``main``.
     from comfy_orchestrator.cli import (  # noqa: F401
+        demo_command,
         quality_commands,
         run_command,
         serve_command,

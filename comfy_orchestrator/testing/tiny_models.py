@@ -15,6 +15,9 @@
   recognises;
 * a 64×64 PNG in ``input/`` so that a ``LoadImage`` graph validates without an upload.
 
+:func:`add_unet` writes more UNets of the same shape under other names, each from its own seed, so
+that one server holds several distinct "models" to compare (their pictures differ).
+
 The architectures are written down as data (key → shape) following ComfyUI's and spandrel's module
 layouts; the weights come from a seeded generator, so the same seed writes the same bytes.
 """
@@ -31,7 +34,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-__all__ = ["TinyModels", "prepare_base_dir"]
+__all__ = ["TinyModels", "add_unet", "prepare_base_dir"]
 
 Init = Literal["weight", "ones", "zeros", "prelu"]
 Spec = dict[str, tuple[tuple[int, ...], Init]]
@@ -90,6 +93,21 @@ def prepare_base_dir(base_dir: Path, *, seed: int = 0) -> TinyModels:
     _write(models / "upscale_models" / UPSCALE_X4_FILE, _esrgan_spec(scale=4), gen, torch.float32, seed)
     _input_image(seed).save(base_dir / "input" / INPUT_IMAGE_FILE)
     return TinyModels(base_dir=base_dir)
+
+
+def add_unet(base_dir: Path, name: str, *, seed: int) -> str:
+    """Write one more tiny UNet, the same architecture with weights from ``seed``, as
+    ``models/diffusion_models/<name>`` of a base directory made by :func:`prepare_base_dir`.
+
+    Returns ``name``, the ``UNETLoader.unet_name`` ComfyUI lists it under. Deterministic per seed.
+    """
+    if not name.endswith(".safetensors") or "/" in name or "\\" in name:
+        raise ValueError(f"a UNet name is a plain file name ending in .safetensors, not {name!r}")
+    folder = Path(base_dir) / "models" / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    _write(folder / name, _unet_spec(), gen, torch.float16, seed)
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
