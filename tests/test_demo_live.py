@@ -125,3 +125,34 @@ def test_the_demo_runs_end_to_end_and_its_report_shows_the_scored_grid(tmp_path:
         assert f"upscaled:      {out.resolve() / winner['upscaled']}" in result.output
     assert manifest["timings"]["pipeline_s"] > 0
     assert manifest["stats"]["failed"] == 0
+
+    # Opened in a real browser, the report shows the grid (decoded, at its size) and every score.
+    shown = asyncio.run(_open_in_chromium((out / "report.html").resolve().as_uri()))
+    assert shown["sheet"] == [sheet["width"], sheet["height"]]
+    assert all(f"{cell['score']:.3f}" in shown["text"] for cell in manifest["cells"])
+    assert shown["broken_images"] == 0
+
+
+async def _open_in_chromium(url: str) -> dict[str, Any]:
+    from playwright.async_api import async_playwright
+
+    from tests.service.test_dashboard_browser import chromium_path
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium_path(), headless=True)
+        try:
+            page = await browser.new_page()
+            await page.goto(url)
+            await page.wait_for_load_state("load")
+            result: dict[str, Any] = await page.evaluate("""() => {
+                const sheet = document.querySelector('img.sheet');
+                const images = [...document.images];
+                return {
+                    sheet: sheet && sheet.complete ? [sheet.naturalWidth, sheet.naturalHeight] : null,
+                    text: document.body.innerText,
+                    broken_images: images.filter(i => !i.complete || i.naturalWidth === 0).length,
+                };
+            }""")
+            return result
+        finally:
+            await browser.close()
