@@ -3,9 +3,11 @@
 One run, the same architecture and the same weights for all three, prompts repeated as a gate would
 (one prompt, many candidate images):
 
-* ``evaluator``: ``quality.ClipEvaluator.score(images, prompt)`` (cached text embedding; a call's
-  images stacked into one uint8 tensor, checked on a strided sample of it, and sent to the model as
-  one batch, resized/cropped/normalised in torch with it; model work off the event loop);
+* ``evaluator``: ``quality.ClipEvaluator.score(images, prompt)`` (cached text embedding; on the CPU
+  each picture resized straight from its array, the checks read at the model's scale, one batch
+  through the fused image tower of :mod:`quality.tower`; on a GPU one uint8 stack resized on the
+  device; model work off the event loop). Fed uint8 ``H×W×3`` arrays; ``evaluator_pil`` is the
+  same evaluator fed the PIL images (it then pays the PIL-to-array copy the others are spared);
 * ``naive``: the open_clip loop everyone writes first: tokenise and encode the prompt, preprocess
   each image, encode the batch, on every call (same open_clip model object as the evaluator's);
 * ``torchmetrics``: ``torchmetrics.multimodal.CLIPScore`` over a transformers ``CLIPModel`` built
@@ -13,9 +15,12 @@ One run, the same architecture and the same weights for all three, prompts repea
   (and a ``CLIPProcessor`` whose tokenizer is made from open_clip's own BPE vocabulary), fed the
   uint8 ``[3, H, W]`` tensors it asks for, on the model's device.
 
-Inputs are procedurally drawn 512 px pictures, already decoded (PIL for the first two, tensors for
-torchmetrics): decoding a file would cost the same for all three. The cosines of the three are
-compared on the same images as a check that they compute the same thing.
+Inputs are procedurally drawn 512 px pictures, decoded once and untimed, each in the form its API
+takes (the tensors are views of the evaluator's arrays): decoding a file would cost the same for all.
+The contestants take turns for ``--rounds`` rounds (order reversed every other round), so a shared
+machine's load falls on all alike; img/s is the median over rounds, and ``speedup`` the median of
+the per-round ratios. The cosines of the three are compared on the same images as a check that they
+compute the same thing.
 
     python bench/clip_throughput.py                       # CPU: tiny-shapes and vit-b-32-random
     python bench/clip_throughput.py --models vit-b-32-random vit-l-14-random --precision fp16
@@ -36,6 +41,7 @@ import asyncio
 import json
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -183,17 +189,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(call: Callable[[], Any], n_images: int, device: torch.device, *, min_seconds: float,
-            min_iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        call()
+def measure(calls: dict[str, Callable[[], Any]], n_images: int, device: torch.device, *, rounds: int,
+            min_seconds: float, warmup: int = 1) -> dict[str, list[float]]:
+    """Images/s of each call in each of ``rounds`` rounds. The contestants take turns (the order
+    reversed every other round), each for at least ``min_seconds / rounds`` and one call per round,
+    so that a neighbour's load on a shared machine falls on all of them alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
     _sync(device)
-    iters, started = 0, time.perf_counter()
-    while iters < min_iters or time.perf_counter() - started < min_seconds:
-        call()
-        iters += 1
-    _sync(device)
-    return iters * n_images / (time.perf_counter() - started)
+    rates: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds):
+        for name in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+            iters, started = 0, time.perf_counter()
+            while iters < 1 or time.perf_counter() - started < min_seconds / rounds:
+                calls[name]()
+                iters += 1
+            _sync(device)
+            rates[name].append(iters * n_images / (time.perf_counter() - started))
+    return rates
 
 
 def naive_scorer(loaded: Any) -> Callable[[Sequence[Image.Image], str], torch.Tensor]:
@@ -228,17 +242,25 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     setup_s = time.perf_counter() - t0
 
     pool = make_images(max(args.batches), args.image_size)
-    tensors = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).to(device) for im in pool]
+    # The same decoded pixels for everyone, each in the form its API takes, made once, untimed: uint8
+    # H×W×3 arrays for the evaluator, the [3, H, W] tensor views of those arrays for torchmetrics, PIL
+    # images for the naive loop (open_clip's transform takes PIL). The evaluator is also timed on the
+    # PIL images (``evaluator_pil_img_s``): that adds its PIL-to-array conversion, which the others
+    # are spared.
+    arrays = [np.array(im) for im in pool]
+    tensors = [torch.from_numpy(a).permute(2, 0, 1).to(device) for a in arrays]
 
     # Same thing computed? Cosines of the three on the same images.
     n_check = min(8, len(pool))
-    ours = [s.cosines["prompt"] for s in evaluator.score_sync(pool[:n_check], PROMPT)]
+    ours = [s.cosines["prompt"] for s in evaluator.score_sync(arrays[:n_check], PROMPT)]
+    ours_pil = [s.cosines["prompt"] for s in evaluator.score_sync(pool[:n_check], PROMPT)]
     with torch.inference_mode():
         theirs = (_clip_score_update(tensors[:n_check], [PROMPT] * n_check, hf, processor)[0] / 100).float().cpu()
     plain = naive(pool[:n_check], PROMPT).tolist()
     agreement = {
         "cos_range": [round(min(ours), 4), round(max(ours), 4)],
         "max_abs_cos_diff_vs_naive": max(abs(a - b) for a, b in zip(ours, plain, strict=True)),
+        "max_abs_cos_diff_array_vs_pil_input": max(abs(a - b) for a, b in zip(ours, ours_pil, strict=True)),
         "max_abs_cos_diff_vs_torchmetrics": max(abs(a - float(b)) for a, b in zip(ours, theirs, strict=True)),
     }
 
@@ -246,21 +268,33 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     loop = asyncio.new_event_loop()
     try:
         for batch in args.batches:
-            images, tens = pool[:batch], tensors[:batch]
+            images, arrs, tens = pool[:batch], arrays[:batch], tensors[:batch]
             prompts = [PROMPT] * batch
-            kw = {"min_seconds": args.min_seconds, "min_iters": args.min_iters}
-            ev = measure(lambda images=images: loop.run_until_complete(evaluator.score(images, PROMPT)),
-                         batch, device, **kw)
-            nv = measure(lambda images=images: naive(images, PROMPT), batch, device, **kw)
 
             def tm(tens: list[torch.Tensor] = tens, prompts: list[str] = prompts) -> None:
                 with torch.inference_mode():
                     metric.update(tens, prompts)
 
-            tmv = measure(tm, batch, device, **kw)
-            rows.append({"batch": batch, "evaluator_img_s": round(ev, 2), "naive_img_s": round(nv, 2),
-                         "torchmetrics_img_s": round(tmv, 2),
-                         "speedup_vs_torchmetrics": round(ev / tmv, 2), "speedup_vs_naive": round(ev / nv, 2)})
+            rates = measure({
+                "evaluator": lambda arrs=arrs: loop.run_until_complete(evaluator.score(arrs, PROMPT)),
+                "evaluator_pil": lambda images=images: loop.run_until_complete(evaluator.score(images, PROMPT)),
+                "naive": lambda images=images: naive(images, PROMPT),
+                "torchmetrics": tm,
+            }, batch, device, rounds=args.rounds, min_seconds=args.min_seconds)
+            med = {name: statistics.median(r) for name, r in rates.items()}
+
+            def ratio(a: str, b: str, rates: dict[str, list[float]] = rates) -> float:
+                """Median over rounds of a ÷ b measured side by side in the same round."""
+                return round(statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True)), 2)
+
+            rows.append({"batch": batch, "evaluator_img_s": round(med["evaluator"], 2),
+                         "evaluator_pil_img_s": round(med["evaluator_pil"], 2),
+                         "naive_img_s": round(med["naive"], 2), "torchmetrics_img_s": round(med["torchmetrics"], 2),
+                         "speedup_vs_torchmetrics": ratio("evaluator", "torchmetrics"),
+                         "speedup_vs_torchmetrics_pil_input": ratio("evaluator_pil", "torchmetrics"),
+                         "speedup_vs_naive": ratio("evaluator", "naive"),
+                         "speedup_vs_torchmetrics_each_round": [
+                             round(x / y, 2) for x, y in zip(rates["evaluator"], rates["torchmetrics"], strict=True)]})
             print(f"# {name} {precision} batch {batch}: {rows[-1]}", file=sys.stderr, flush=True)
     finally:
         loop.close()
@@ -288,8 +322,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="Default: CUDA when present.")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None)
     parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--min-seconds", type=float, default=2.0)
-    parser.add_argument("--min-iters", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="Least time per contestant and batch size, over all rounds.")
+    parser.add_argument("--rounds", type=int, default=5, help="Turns each contestant takes (at least one call each).")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="Also write the JSON here.")

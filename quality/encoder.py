@@ -1,12 +1,17 @@
 """One model's shared encoder: batched image and text encoding, a text-embedding cache, a decode pool.
 
-* A caller's images are decoded on a thread pool (encoded bytes in parallel), stacked into one uint8
-  tensor per size and checked on a strided sample of that stack, all in one pass, on the pool; what
+* A caller's images are decoded on a thread pool (encoded bytes in parallel) and checked there; what
   passes goes to the model's :class:`~quality.batching.DynamicBatcher` as one item of
   ``len(images)`` units (chunks of ``max_batch``), so it meets the model as one batch, merged with
-  other callers' but never split. The resize/crop/normalise step runs on the batcher's thread, for
-  the whole batch at once (:mod:`quality.preprocess`), so the host work of the next caller overlaps
-  the encoding of this one. ``preprocess="pil"`` keeps open_clip's own per-image PIL transform.
+  other callers' but never split. Tensor preprocessing (:mod:`quality.preprocess`) differs by device:
+  on a GPU the pictures are stacked into one pinned uint8 tensor per size, checked on a strided
+  sample of it, and resized/cropped/normalised with the whole batch on the device, on the batcher's
+  thread; on the CPU each picture is resized straight from its own array on the pool (no full-size
+  stack copy), the checks read those model-scale images (nearly free), and only what passed is
+  cropped, normalised and submitted. Either way the host work of the next caller overlaps the
+  encoding of this one. ``preprocess="pil"`` keeps open_clip's own per-image PIL transform.
+* Images are encoded through :class:`~quality.tower.FusedImageTower` (open_clip's tower, one fused
+  attention call per block) when the tower is a plain open_clip ViT, else through open_clip itself.
 * Texts are cleaned of ComfyUI syntax, then looked up in an LRU cache keyed by (model, weights,
   cleaned prompt); only misses reach the model, batched like images.
 * All model work runs on the batcher's one worker thread, never on an event loop.
@@ -48,6 +53,7 @@ from quality.technical import (
     decode_rgb_array,
     judge_batch,
     judge_pixels,
+    judge_resized,
 )
 from quality.types import ImageInput
 
@@ -106,11 +112,12 @@ class PreparedImage:
 
 @dataclass(frozen=True, slots=True)
 class _ImageJob:
-    """Images of one caller: a uint8 ``[N, H, W, 3]`` stack (tensor mode) or ``[N, 3, S, S]`` model
-    input (PIL mode)."""
+    """Images of one caller: a uint8 ``[N, H, W, 3]`` stack (tensor mode on a GPU: resized with the
+    batch on the device) or the ``[N, 3, S, S]`` model input (PIL mode, and tensor mode on the CPU)."""
 
     pixels: torch.Tensor
     head: AestheticHead | None
+    model_input: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +191,8 @@ class ClipEncoder:
                 results[i] = (emb[row], None)
         if images:
             stacks = [j.pixels for _, j in images]
-            if self._tensor_preprocess is not None:
+            # One encoder's image jobs are all of one kind: raw stacks on a GPU, model input otherwise.
+            if self._tensor_preprocess is not None and not images[0][1].model_input:
                 pixels = self._tensor_preprocess(stacks)  # one resize per image size, on the device
             else:
                 pixels = stacks[0] if len(stacks) == 1 else torch.cat(stacks)
@@ -262,6 +270,9 @@ class ClipEncoder:
                     for row, i in enumerate(ok):
                         out[i] = (prepared[i].report, whole, row)
                 return [o for o in out if o is not None]
+            if self.model.device.type == "cpu":
+                submitted = self._prepare_chunk_cpu(images, limits, head, reservation, out)
+                return [o for o in out if o is not None]
             groups: dict[tuple[int, ...], list[tuple[int, DecodedImage, object]]] = {}
             for i, im in enumerate(images):
                 decoded, arr = decode_rgb_array(im, limits)
@@ -277,7 +288,7 @@ class ClipEncoder:
                 if passed:
                     if len(passed) < len(members):
                         stack = stack[passed]
-                    fut = reservation.submit(_ImageJob(stack, head), size=len(passed))
+                    fut = reservation.submit(_ImageJob(stack, head, model_input=False), size=len(passed))
                     submitted += len(passed)
                 rows = {k: row for row, k in enumerate(passed)}
                 for k, ((i, _, _), report) in enumerate(zip(members, reports, strict=True)):
@@ -285,6 +296,33 @@ class ClipEncoder:
             return [o for o in out if o is not None]
         finally:
             reservation.release(len(images) - submitted)  # what failed its checks will not come
+
+    def _prepare_chunk_cpu(
+        self, images: Sequence[ImageInput], limits: TechnicalLimits, head: AestheticHead | None,
+        reservation: Reservation[_Job, _Result],
+        out: list[tuple[TechnicalReport, Future[_Result] | None, int] | None],
+    ) -> int:
+        """Tensor mode on the CPU: each picture resized from its own array (no full-size stack copy),
+        the checks read from those small images, and only what passed is cropped, normalised and
+        submitted as the model's input. Fills ``out``; returns how many units it submitted."""
+        assert self._tensor_preprocess is not None
+        rows: list[tuple[int, DecodedImage, torch.Tensor]] = []
+        for i, im in enumerate(images):
+            decoded, arr = decode_rgb_array(im, limits)
+            if arr is None:
+                out[i] = (TechnicalReport(decoded.failures, 0, 0, 0.0, 0.0), None, 0)
+            else:
+                rows.append((i, decoded, self._tensor_preprocess.resize_one(arr)))
+        reports = judge_resized([d for _, d, _ in rows], [r for _, _, r in rows], limits)
+        passed = [k for k, r in enumerate(reports) if r.ok]
+        fut: Future[_Result] | None = None
+        if passed:
+            pixels = self._tensor_preprocess.crop_normalise([rows[k][2] for k in passed])
+            fut = reservation.submit(_ImageJob(pixels, head), size=len(passed))
+        row_of = {k: row for row, k in enumerate(passed)}
+        for k, ((i, _, _), report) in enumerate(zip(rows, reports, strict=True)):
+            out[i] = (report, fut if k in row_of else None, row_of.get(k, 0))
+        return len(passed)
 
     async def embed_image(
         self, image: ImageInput, limits: TechnicalLimits, head: AestheticHead | None = None

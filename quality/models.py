@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from quality.errors import WeightsUnavailable
 from quality.registry import ModelSpec, WeightsKind
+from quality.tower import FusedImageTower
 
 __all__ = [
     "DeviceChoice",
@@ -102,6 +104,8 @@ class LoadedModel:
     embed_dim: int
     #: Names these weights in cache keys (for random weights: this very instance).
     weights_id: str
+    #: The image tower's forward with fused attention (:mod:`quality.tower`), or None: open_clip's own.
+    image_tower: torch.nn.Module | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,8 +115,11 @@ class LoadedModel:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings, float32 on the CPU, for a ``[N, 3, H, W]`` float batch."""
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        out = self.model.encode_image(pixels, normalize=True)  # type: ignore[operator]
-        return out.float().cpu()  # type: ignore[no-any-return]
+        if self.image_tower is not None:
+            out = F.normalize(self.image_tower(pixels), dim=-1)
+        else:
+            out = self.model.encode_image(pixels, normalize=True)  # type: ignore[operator]
+        return out.float().cpu()
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -222,7 +229,7 @@ def load_model(
         weights_id = f"random@{id(model):x}"
     logger.info("model %s loaded on %s in %s (%s)", spec.name, choice.device, choice.precision, weights_id)
     return LoadedModel(spec, model, preprocess, tokenizer, choice.device, choice.precision,
-                       context_length, embed_dim, weights_id)
+                       context_length, embed_dim, weights_id, FusedImageTower.wrap(model))
 
 
 class ModelCache:

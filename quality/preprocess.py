@@ -7,6 +7,10 @@ into one ``uint8`` ``[N, H, W, 3]`` tensor and this module does the same steps f
 antialiased bicubic resize (torch's kernel, which follows PIL's; on the CPU it runs on the uint8
 pixels directly, vectorised), rounding to 8 bits as PIL does, centre crop, normalisation, on the
 model's device. The result matches the PIL path to about one grey level (cosines agree to ~1e-3).
+
+On the CPU the evaluator uses :meth:`TensorPreprocess.resize_one` per picture instead (the same
+kernel, read in place from the caller's array, so no full-size stack is copied) and
+:meth:`TensorPreprocess.crop_normalise` for the batch.
 """
 
 from __future__ import annotations
@@ -59,6 +63,28 @@ class TensorPreprocess:
                           pin_memory=self.device.type == "cuda")
         np.stack(arrays, out=out.numpy())
         return out
+
+    def resize_one(self, array: np.ndarray) -> torch.Tensor:
+        """CPU: one ``H×W×3`` uint8 array resized (shortest side to ``size``, antialiased, rounded to 8
+        bits as PIL does) into a uint8 ``[3, h, w]`` tensor, not yet cropped.
+
+        A writable array is read in place (a channels-last view: no copy of the full-size picture); a
+        read-only one (``np.asarray`` of a PIL image) is copied first, since torch only wraps writable
+        memory.
+        """
+        if not array.flags.writeable or any(st < 0 for st in array.strides):
+            array = np.array(array)
+        x = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W] channels-last view
+        out: torch.Tensor = TF.resize(x, [self.size], interpolation=self.interpolation, antialias=True)
+        return out[0]
+
+    def crop_normalise(self, resized: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 ``[3, h, w]`` images from :meth:`resize_one` as the ``[N, 3, size, size]`` model input."""
+        x = torch.empty((len(resized), 3, self.size, self.size), dtype=torch.float32)
+        for row, image in zip(x, resized, strict=True):
+            row.copy_(TF.center_crop(image, [self.size, self.size]))  # uint8 → float in the copy
+        x = x.to(self.device).sub_(self._mean).div_(self._std)  # in place: no temporaries
+        return x.to(self.dtype)
 
     def __call__(self, stacks: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[ΣN, 3, size, size]`` model input on the device from uint8 ``[N, H, W, 3]`` stacks (or single

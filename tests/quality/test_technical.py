@@ -68,3 +68,45 @@ def test_rgba_and_palette_images_are_read() -> None:
     rgba = shape("orange", "star").convert("RGBA")
     assert failures(rgba) == set()
     assert failures(png(shape("purple", "circle").convert("P"))) == set()
+
+
+def _reports_both_ways(images: list[np.ndarray], size: int) -> tuple[list[object], list[object]]:
+    """The strided-sample reports (GPU tensor path) and the model-scale ones (CPU tensor path)."""
+    import torch
+
+    from quality.preprocess import TensorPreprocess
+    from quality.technical import decode_rgb_array, judge_batch, judge_resized
+
+    limits = TechnicalLimits()
+    decoded = [decode_rgb_array(a, limits)[0] for a in images]
+    sampled = judge_batch(decoded, np.stack(images), limits)
+    prep = TensorPreprocess(size, [0.5] * 3, [0.5] * 3)
+    with torch.inference_mode():
+        resized = judge_resized(decoded, [prep.resize_one(a) for a in images], limits)
+    return sampled, resized  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_model_scale_checks_agree_with_the_sampled_ones(size: int) -> None:
+    """The CPU path reads the statistics from the picture at the model's scale: same verdicts, same
+    brightness within a grey level, on drawings, blanks, near-black noise and a dim shape. (Pixel
+    noise averages out at that scale: the noisy black frame is also blank there, as the model sees it.)"""
+    rng = np.random.default_rng(1)
+    dark_scene = np.zeros((512, 512, 3), dtype=np.uint8)
+    dark_scene[128:384, 128:384] = 12
+    images = [
+        np.array(shape("red", "circle")), np.array(text_image(seed=3)), np.array(shape("blue", "star", seed=4)),
+        np.full((512, 512, 3), (120, 80, 200), dtype=np.uint8), np.zeros((512, 512, 3), dtype=np.uint8),
+        np.full((512, 512, 3), 255, dtype=np.uint8), rng.integers(0, 8, size=(512, 512, 3), dtype=np.uint8),
+        dark_scene,
+    ]
+    sampled, resized = _reports_both_ways(images, size)
+    expected = [set(), set(), set(), {TechnicalCheck.UNIFORM}, {TechnicalCheck.UNIFORM, TechnicalCheck.NEAR_BLACK},
+                {TechnicalCheck.UNIFORM, TechnicalCheck.NEAR_WHITE}, {TechnicalCheck.NEAR_BLACK},
+                {TechnicalCheck.NEAR_BLACK}]
+    assert [set(r.failures) for r in sampled] == expected  # type: ignore[attr-defined]
+    at_scale = [set(r.failures) for r in resized]  # type: ignore[attr-defined]
+    assert at_scale[:6] + at_scale[7:] == expected[:6] + expected[7:]
+    assert at_scale[6] - {TechnicalCheck.UNIFORM} == expected[6]
+    for a, b in zip(sampled, resized, strict=True):
+        assert abs(a.mean - b.mean) < 1.0  # type: ignore[attr-defined]
