@@ -25,7 +25,18 @@ from aiohttp import WSCloseCode, web
 from comfy_orchestrator.errors import BackendError, ComfyTimeout
 from comfy_orchestrator.graph import load_templates
 from comfy_orchestrator.pool import Pool, PoolSettings
-from comfy_orchestrator.service import dashboard, events, health, inputs, jobs, metrics, openapi, outputs, runs
+from comfy_orchestrator.service import (
+    dashboard,
+    events,
+    health,
+    inputs,
+    jobs,
+    metrics,
+    openapi,
+    outputs,
+    runs,
+    templates,
+)
 from comfy_orchestrator.service.auth import auth_middleware
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.errors import error_middleware
@@ -74,17 +85,17 @@ def create_app(
     app[CLIENTS] = BackendClients(configs)
     app[MANAGED] = Supervisor(settings.managed, app[POOL], app[CLIENTS],
                               default_base_dir=settings.store.path.parent / "comfyui")
-    templates = app[TEMPLATES] = load_templates(templates_dir)
+    known = app[TEMPLATES] = load_templates(templates_dir)
     state_dir = settings.store.path.parent
     evaluators = EvaluatorSource(settings.quality, on_score=app[metrics.METRICS].observe_score)
-    app[PIPELINES] = PipelineJobs(store, app[POOL], templates, evaluators,
+    app[PIPELINES] = PipelineJobs(store, app[POOL], known, evaluators,
                                   work_dir=state_dir / "pipeline-work", cache_dir=state_dir / "pipeline-cache")
     app[NOTIFIER] = Notifier()
     app[LIFECYCLE] = Lifecycle()
     sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
     app[SOCKETS] = sockets
     for table in (jobs.routes, outputs.routes, events.routes, health.routes, metrics.routes, openapi.routes,
-                  dashboard.routes, runs.routes):
+                  dashboard.routes, runs.routes, templates.routes):
         app.router.add_routes(table)
     inputs.install(app, settings)  # POST /v1/inputs, the input store and the URL fetcher
     app.cleanup_ctx.append(functools.partial(_lifespan, store=store))

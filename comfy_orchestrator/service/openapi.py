@@ -154,6 +154,21 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
+        "TemplateList": {
+            "type": "object",
+            "required": ["items"],
+            "properties": {"items": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "description", "slots"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "description": {"type": "string"},
+                    "slots": {"type": "object", "additionalProperties": {
+                        "type": "object", "required": ["type"],
+                        "properties": {"default": {}, "type": {"type": "string"}}}},
+                },
+            }}},
+        },
         "Run": {
             "type": "object",
             "required": ["id", "state", "pipeline", "cells", "steps", "grid"],
@@ -279,6 +294,9 @@ def _paths() -> dict[str, Any]:
                                   "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
                           "304": {"description": "Not modified (the ETag matched)."},
                           **_errors(400, 401, 404)}}},
+        "/v1/templates": {"get": {
+            "operationId": "listTemplates", "summary": "The templates that template jobs bind, with their slots.",
+            "responses": {"200": _json(_ref("TemplateList"), "The templates, by name."), **_errors(401)}}},
         "/v1/runs/{run_id}": {"get": {
             "operationId": "getRun", "summary": "A pipeline job as a run: its images with model, seed and score.",
             "parameters": [_run_id()],

@@ -76,18 +76,23 @@ class EvaluatorSource:
             return None
         async with self._lock:
             if self._evaluator is None:
-                try:
-                    from quality import ClipEvaluator
-                except ImportError as exc:  # the extra is missing: say which
-                    raise RuntimeError(
-                        f"[quality] model = {self.settings.model!r} needs the quality extra: "
-                        f"pip install 'comfy-orchestrator[quality]' ({exc})") from None
-                evaluator = ClipEvaluator(self.settings.model, device=self.settings.device,
-                                          max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms)
-                await evaluator.__aenter__()  # loads the weights off the event loop
+                # Importing torch and loading the weights take seconds: off the event loop, so that
+                # leases are renewed and requests answered meanwhile.
+                self._evaluator = await asyncio.to_thread(self._load)
                 log.info("evaluator ready: %s", self.settings.model)
-                self._evaluator = evaluator
             return self._evaluator
+
+    def _load(self) -> Evaluator:
+        try:
+            from quality import ClipEvaluator
+        except ImportError as exc:  # the extra is missing: say which
+            raise RuntimeError(f"[quality] model = {self.settings.model!r} needs the quality extra: "
+                               f"pip install 'comfy-orchestrator[quality]' ({exc})") from None
+        assert self.settings.model is not None
+        evaluator = ClipEvaluator(self.settings.model, device=self.settings.device,
+                                  max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms)
+        evaluator.load()  # blocking: the weights
+        return evaluator
 
     async def score(self, images: Sequence[bytes | Image.Image], prompt: str, *,
                     negative: str | None = None) -> Sequence[Score]:

@@ -129,3 +129,21 @@ async def test_graph_steps_are_cached_unless_the_spec_says_otherwise(tmp_path: P
         third = await (await svc.submit({"pipeline": comparison()})).json()
         assert (await svc.wait_state(third["id"], "succeeded", timeout=90))["state"] == "succeeded"
         assert sum(len(fake.history) for fake in svc.doubles) == 8  # all four from the cache
+
+
+async def test_the_templates_jobs_can_name_are_listed_with_their_slots(tmp_path: Path) -> None:
+    async with running_service(tmp_path) as svc:
+        async with svc.session.get(f"{svc.url}/v1/templates", headers=auth()) as resp:
+            assert resp.status == 200
+            items = {t["name"]: t for t in (await resp.json())["items"]}
+        async with svc.session.get(f"{svc.url}/v1/templates") as resp:
+            assert resp.status == 401  # a /v1 route like the others
+        assert {"cpu_model_free_ops", "sd15_txt2img"} <= items.keys()
+        sd15 = items["sd15_txt2img"]["slots"]
+        assert sd15["seed"]["type"] == "int"
+        assert sd15["prompt"]["type"] == "str"
+        assert isinstance(sd15["prompt"]["default"], str)
+        # What the listing says is what a job can bind.
+        params = {k: v["default"] for k, v in items["cpu_model_free_ops"]["slots"].items()}
+        resp = await svc.submit({"template": "cpu_model_free_ops", "params": params})
+        assert resp.status == 202, await resp.text()
