@@ -16,6 +16,7 @@ Routes (every ``/v1`` route needs ``Authorization: Bearer <token>``; errors are 
     GET  /v1/jobs/{id}/outputs/{name}      streamed; ETag = sha256
     GET  /v1/runs/{id}, /v1/runs/{id}/grid.png   a pipeline job: images with model, seed, score; the grid
     GET  /v1/backends                      health, load, capabilities ([managed] ones with pid and restarts)
+    GET  /v1/templates                     the templates template jobs bind, with their slots
     WS   /v1/events?after=SEQ&job=ID       replay, then follow (``?token=`` for browsers)
     GET  /healthz, /readyz, /metrics, /openapi.json, /dashboard   (no token)
 """
