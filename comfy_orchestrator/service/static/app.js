@@ -198,6 +198,15 @@
     if (FINAL.has(state) && !bar.hasAttribute("value")) bar.value = 0;
   }
 
+  // An ISO time as microseconds since the epoch (Date.parse stops at milliseconds; the service's
+  // times have microseconds, and a job can be created and claimed within one millisecond).
+  function micros(iso) {
+    const ms = Date.parse(iso);
+    if (Number.isNaN(ms)) return NaN;
+    const fraction = /\.(\d+)/.exec(iso);
+    return Math.floor(ms / 1000) * 1e6 + Number(((fraction ? fraction[1] : "") + "000000").slice(0, 6));
+  }
+
   function applyJob(job) {
     const item = entry(job.id);
     const known = item.job;
@@ -208,7 +217,13 @@
     head.querySelector(".labels").textContent = labels;
     head.querySelector(".created").textContent = job.created ? new Date(job.created).toLocaleTimeString() : "";
     if (job.error) item.view.root.querySelector(".job-error").textContent = job.error.message || JSON.stringify(job.error);
-    setState(item, job.state);
+    // A record fetched before an event it is answered after (queued, then the running event, then the
+    // record) is stale: only a record at least as new as the last state event sets the state.
+    const updated = micros(job.updated);
+    if (!(item.stateAt > updated)) {
+      setState(item, job.state);
+      if (!Number.isNaN(updated)) item.stateAt = updated;
+    }
     // Only a record that itself says "succeeded" lists every output: a stale one (fetched before the job
     // ended, answered after its final event) must not decide what is shown.
     if (job.state === "succeeded") showOutputs(item, job.outputs);
@@ -330,6 +345,7 @@
       case "queued":
       case "running":
         setState(item, type);
+        item.stateAt = Math.max(item.stateAt || 0, micros(event.at) || 0);
         if (data.reason) item.view.detail.textContent = data.reason;
         break;
       case "attempt":
@@ -350,6 +366,7 @@
       case "failed":
       case "cancelled":
         setState(item, type);
+        item.stateAt = Math.max(item.stateAt || 0, micros(event.at) || 0);
         if (known) refreshJob(event.job_id).catch(() => {}); // its final record: error, outputs
         break;
       default:
