@@ -436,17 +436,15 @@ class ComfyClient:
         if self._reader is None:
             await self.connect()
         self._check_open()
-        if prompt_id in self._tracked and not self._tracked[prompt_id].foreign:
+        known = self._tracked.get(prompt_id)
+        if known is not None and not known.foreign and not known.finished:
             raise ValueError(f"prompt {prompt_id} was submitted by this client: await run() instead")
         deadline = None if timeout is None else time.monotonic() + timeout
         tracked = self._track(prompt_id, foreign=True)
         started = time.monotonic()
-        try:
-            # Ask at once: the prompt may have ended while nobody listened.
-            entry, _ = await self._reconcile(tracked, started)
-            if entry is not None:
-                return self._result(entry, _RunState(submitted_at=time.time(), started=started))
-            return await self._follow(tracked, deadline, time.time(), started, on_progress, on_event)
+        try:  # the first check is at once: the prompt may have ended while nobody listened
+            return await self._follow(tracked, deadline, time.time(), started, on_progress, on_event,
+                                      check_now=True)
         finally:
             self._forget(prompt_id)
 
@@ -458,12 +456,15 @@ class ComfyClient:
         started: float,
         on_progress: Callback[p.Progress] | None,
         on_event: Callback[p.Event] | None,
+        *,
+        check_now: bool = False,
     ) -> RunResult:
         prompt_id = tracked.prompt_id
         run = _RunState(submitted_at=submitted_at, started=started)
         seen = 0
         last_activity = time.monotonic()  # last event, or last time the queue showed it waiting
-        next_check = last_activity + self.timeouts.poll  # when to ask /queue and /history
+        # when to ask /queue and /history (``check_now``: at once, for a prompt followed late)
+        next_check = last_activity + (0.0 if check_now else self.timeouts.poll)
         unreachable_since: float | None = None
         while True:
             self._check_open()

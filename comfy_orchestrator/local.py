@@ -212,6 +212,10 @@ class LocalComfyUI:
             self._base_dir = None
             await asyncio.to_thread(_remove_tree, owned)
 
+    async def wait(self) -> int | None:
+        """Until the current process exits; its exit status (None when none was started)."""
+        return await self._proc.wait() if self._proc is not None else None
+
     async def kill(self) -> None:
         """SIGKILL now and reap it (a crash, for failover tests). The base dir stays for restart()."""
         await self._terminate(0.0)

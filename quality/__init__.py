@@ -6,6 +6,8 @@ head) and batches concurrent callers onto one shared model. Models are data (:cl
 ``models.json``); thresholds come from :func:`fit_threshold` on the user's own labelled images.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from quality.aesthetic import AestheticHead, load_aesthetic_head, save_aesthetic_head
 from quality.batching import BatchStats, DynamicBatcher
 from quality.calibration import (
@@ -31,7 +33,18 @@ from quality.registry import DEFAULT_MODEL, ModelSpec, Registry, WeightsKind, de
 from quality.scores import CLIPSCORE_W, QualityScore, ScoreWeights, clip_score
 from quality.scoring import ClipEvaluator
 from quality.technical import TechnicalCheck, TechnicalLimits, TechnicalReport, check_image
-from quality.types import Evaluator, ImageInput
+from quality.types import ImageInput
+
+if TYPE_CHECKING:
+    from quality.types import Evaluator
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Evaluator":  # lazily: it is the orchestrator's pipelines' protocol
+        from quality.types import Evaluator
+
+        return Evaluator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CLIPSCORE_W",

@@ -48,7 +48,6 @@ from quality.technical import (
     DecodedImage,
     TechnicalLimits,
     TechnicalReport,
-    check_image,
     decode_and_check,
     decode_rgb_array,
     judge_batch,
@@ -59,7 +58,6 @@ from quality.types import ImageInput
 
 __all__ = [
     "ClipEncoder",
-    "PreparedImage",
     "PreprocessMode",
     "SharedEncoders",
     "TextEmbeddingCache",
@@ -223,16 +221,6 @@ class ClipEncoder:
         if self._closed:
             raise EvaluatorClosed(f"the encoder of {self.model.spec.name!r} is closed")
 
-    def prepare(self, image: ImageInput, limits: TechnicalLimits) -> PreparedImage:
-        """Decode, check and preprocess one image (blocking). Tensor mode: the uint8 ``H×W×3`` image;
-        PIL mode: open_clip's own transform of it. :meth:`embed_images` does this for many at once."""
-        if self._tensor_preprocess is not None:
-            report, pil = check_image(image, limits)
-            if not report.ok or pil is None:
-                return PreparedImage(report, None)
-            return PreparedImage(report, TensorPreprocess.to_uint8(pil))
-        return self._prepare_pil(image, limits)
-
     def _prepare_pil(self, image: ImageInput, limits: TechnicalLimits) -> PreparedImage:
         # open_clip's transform; the pixel statistics of the checks come from that model input.
         decoded = decode_and_check(image, limits)
@@ -242,10 +230,6 @@ class ClipEncoder:
         rgb = (pixels.permute(1, 2, 0).reshape(-1, 3) * self._std + self._mean) * 255.0
         report = judge_pixels(decoded, rgb.numpy(), limits)
         return PreparedImage(report, pixels if report.ok else None)
-
-    async def prepare_async(self, image: ImageInput, limits: TechnicalLimits) -> PreparedImage:
-        self._check_open()
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.prepare, image, limits)
 
     def _prepare_chunk(
         self, images: Sequence[ImageInput], limits: TechnicalLimits, head: AestheticHead | None,

@@ -16,12 +16,16 @@ import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from quality.scores import QualityScore
 from quality.technical import decode_image
-from quality.types import Evaluator, ImageInput
+from quality.types import ImageInput
+
+if TYPE_CHECKING:
+    from quality.types import Evaluator
 
 __all__ = ["ScoreGallery", "score_and_show", "show_scores"]
 

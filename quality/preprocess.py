@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 __all__ = ["TensorPreprocess"]
@@ -49,11 +48,6 @@ class TensorPreprocess:
                               else InterpolationMode.BICUBIC)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
-
-    @staticmethod
-    def to_uint8(image: Image.Image) -> torch.Tensor:
-        """An RGB PIL image as an ``H×W×3`` uint8 tensor (on the CPU; cheap, no torch kernels)."""
-        return torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image))
 
     def stack(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """Same-sized ``H×W×3`` uint8 arrays as one ``[N, H, W, 3]`` host tensor (pinned when the model

@@ -113,7 +113,8 @@ async def run_job(ctx: RunContext, job: Job, policy: JobPolicy, *, folder: str |
                 refs = result.result.output_images
                 if not refs:
                     raise NoImages(f"job {result.job_id} on {result.backend} saved no image")
-                images = [(ref.filename, await ctx.pool.download(result, ref)) for ref in refs]
+                datas = await asyncio.gather(*(ctx.pool.download(result, ref) for ref in refs))
+                images = [(ref.filename, data) for ref, data in zip(refs, datas, strict=True)]
         except (ComfyOrchestratorError, TimeoutError) as exc:
             wait = policy.retry.next_interval(number, exc)
             reason = f"{type(exc).__name__}: {exc}"

@@ -93,7 +93,7 @@ class Dispatcher:
         try:
             return Slot(self, await future)
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
+            if future.done() and not future.cancelled() and future.exception() is None:
                 future.result().breaker.neutral()
                 Slot(self, future.result()).end()  # taken just as the job was cancelled
             else:

@@ -130,6 +130,7 @@ class Job:
         self.avoid: set[str] = set()  # backends it failed on: taken there only when nothing else can
         self.oom_retried = False
         self.cancel_requested = False
+        self.keep_result = True  # False when run() awaits it: nobody asks result() after it ends
         self.task: asyncio.Task[None] | None = None
         self.assignment: asyncio.Future[Any] | None = None
         self.finished = asyncio.Event()

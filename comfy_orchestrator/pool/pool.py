@@ -237,13 +237,13 @@ class Pool:
         """
         job_id = await self.submit(graph, job_id=job_id, uploads=uploads, timeout=timeout, backends=backends,
                                    on_event=on_event, labels=labels)
+        self._jobs[job_id].keep_result = False  # run() reads it here; kept, it would crowd out submit()'s
         try:
             return await self.result(job_id)
         except asyncio.CancelledError:
-            await asyncio.shield(self.cancel(job_id))
+            if job_id in self._jobs:  # not kept once it ended
+                await asyncio.shield(self.cancel(job_id))
             raise
-        finally:
-            self._finished.pop(job_id, None)
 
     async def result(self, job_id: str) -> PoolResult:
         """Wait for a job and return its result, or raise what it ended with."""
@@ -278,9 +278,10 @@ class Pool:
 
     def _job_ended(self, job: Job) -> None:
         self._jobs.pop(job.id, None)
-        self._finished[job.id] = job
-        while len(self._finished) > self.settings.keep_finished:
-            self._finished.popitem(last=False)
+        if job.keep_result:
+            self._finished[job.id] = job
+            while len(self._finished) > self.settings.keep_finished:
+                self._finished.popitem(last=False)
         if not job.finished.is_set():  # cancelled before its task took its first step
             job.finish(None, JobCancelled(f"job {job.id} was cancelled"))
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from comfy_orchestrator.errors import BackendError, ComfyTimeout
 from comfy_orchestrator.graph import load_templates
 from comfy_orchestrator.pool import Pool, PoolSettings
 from comfy_orchestrator.service import (
@@ -58,7 +57,7 @@ from comfy_orchestrator.service.pipeline_jobs import EvaluatorSource, PipelineJo
 from comfy_orchestrator.service.settings import ServiceSettings
 from comfy_orchestrator.service.state import Lifecycle, Phase
 from comfy_orchestrator.service.worker import Worker
-from comfy_orchestrator.store import JobKind, Outcome, SQLiteJobStore, reconcile_running
+from comfy_orchestrator.store import SQLiteJobStore, reconcile_running
 
 __all__ = ["create_app"]
 
@@ -129,8 +128,8 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
         stack.push_async_callback(clients.close)
         await pool.start()
         stack.push_async_callback(pool.close)
-        await app[MANAGED].start()  # local ComfyUI processes join the pool as each answers
-        stack.push_async_callback(app[MANAGED].stop)  # after the workers are stopped, before the pool closes
+        stack.push_async_callback(app[MANAGED].stop)  # after the workers stop, before the pool closes; also
+        await app[MANAGED].start()  # when a start is cut short. Local ComfyUIs join the pool as each answers
         instance = uuid.uuid4().hex[:8]
         templates = app[TEMPLATES]
         stack.push_async_callback(app[PIPELINES].evaluators.close)
@@ -162,15 +161,8 @@ async def _reconcile(app: web.Application, adopter: Worker) -> list[asyncio.Task
     report = await reconcile_running(store, clients, worker_id=adopter.worker_id, lease_s=adopter.lease_s)
     adopted = app[LIFECYCLE].adopted
     tasks = []
-    for item in report.of(Outcome.STEP_DONE):  # a pipeline runs again from the top: its cache holds the step
-        await store.release(item.job.id, worker_id=adopter.worker_id, reason="restarted: the pipeline resumes")
     for item in report.follow:
         if item.attempt is None:  # FOLLOW always names the attempt found in the backend's queue
-            continue
-        if item.job.kind is JobKind.PIPELINE:  # one prompt of many: take it off, the rerun resubmits it
-            with contextlib.suppress(BackendError, ComfyTimeout):
-                await clients[item.attempt.backend].cancel(item.attempt.prompt_id)
-            await store.release(item.job.id, worker_id=adopter.worker_id, reason="restarted: the pipeline resumes")
             continue
         job_id = item.job.id
         task = asyncio.create_task(adopter.adopt(item.job, item.attempt), name=f"adopt:{job_id}")

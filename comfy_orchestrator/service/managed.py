@@ -47,7 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_EXIT_POLL_S = 0.5  # how often a running process is checked for having exited
 _JITTER = 0.2  # a restart delay is scaled by a random factor in [1 - _JITTER, 1 + _JITTER]
 
 
@@ -280,8 +279,8 @@ class Supervisor:
         settings = self.settings
         assert settings is not None
         config = BackendConfig(managed.slot.name, managed.process.url, max_in_flight=settings.max_in_flight)
+        await self._pool.add_backend(config)  # first: if the pool refuses it, no client is left behind
         self._clients.add(config)
-        await self._pool.add_backend(config)
         managed.admitted = True
         log.info("managed backend %s (pid %s) joined the pool at %s", config.name, managed.process.pid, config.url)
 
@@ -300,7 +299,7 @@ class Supervisor:
         while True:
             if process.running:
                 up_since, pid = time.monotonic(), process.pid
-                await _exited(process)
+                await process.wait()
                 uptime = time.monotonic() - up_since
                 failures = 1 if uptime >= settings.healthy_reset_s else failures + 1
                 managed.last_exit = process.returncode
@@ -326,13 +325,6 @@ class Supervisor:
                 managed.restarts += 1
             await self._admit(managed)
             log.info("managed backend %s: running again as pid %s (restart %d)", name, process.pid, managed.restarts)
-
-
-async def _exited(process: LocalComfyUI) -> None:
-    """Return once ``process`` has exited. LocalComfyUI offers no wait(); its returncode is set by the
-    event loop's child watcher, so polling it is enough."""
-    while process.running:  # noqa: ASYNC110
-        await asyncio.sleep(_EXIT_POLL_S)
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

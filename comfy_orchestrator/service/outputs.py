@@ -47,13 +47,15 @@ async def stream_output(request: web.Request, job_id: str, name: str) -> web.Str
     if etag in [tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")]:
         return web.Response(status=304, headers=headers)
     try:
-        chunks = await store.open_output(tenant, job_id, name)
-    except OutputNotFound:
+        chunks = aiter(await store.open_output(tenant, job_id, name))
+        first = await anext(chunks, b"")  # the file is opened here: a missing one is a 404, not a cut 200
+    except (OutputNotFound, FileNotFoundError):
         raise ApiError(404, "OutputNotFound", f"job {job_id!r} has no output {name!r}") from None
     response = web.StreamResponse(headers=headers)
     response.content_type = output.content_type
     response.content_length = output.size
     await response.prepare(request)
+    await response.write(first)
     async for chunk in chunks:
         await response.write(chunk)
     await response.write_eof()

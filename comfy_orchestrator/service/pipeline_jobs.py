@@ -16,7 +16,6 @@ into a hit with no GPU work: a job killed between generating and scoring resumes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import shutil
@@ -37,6 +36,7 @@ from comfy_orchestrator.pipelines import (
     PipelineSpecError,
     PoolLike,
     Score,
+    StepStatus,
 )
 from comfy_orchestrator.pipelines import EventKind as PipelineEventKind
 from comfy_orchestrator.pipelines.checks import evaluator_problems
@@ -169,8 +169,9 @@ class _RecordingPool:
 
 _ATTEMPT_ENDS = {PoolEventKind.DONE: AttemptState.SUCCEEDED, PoolEventKind.RETRIED: AttemptState.FAILED,
                  PoolEventKind.FAILED: AttemptState.FAILED, PoolEventKind.CANCELLED: AttemptState.CANCELLED}
-_STEP_STATES = {"done": StepState.SUCCEEDED, "partial": StepState.SUCCEEDED, "failed": StepState.FAILED,
-                "skipped": StepState.SKIPPED, "gated": StepState.SKIPPED, "cancelled": StepState.FAILED}
+_STEP_STATES = {StepStatus.DONE: StepState.SUCCEEDED, StepStatus.PARTIAL: StepState.SUCCEEDED,
+                StepStatus.FAILED: StepState.FAILED, StepStatus.SKIPPED: StepState.SKIPPED,
+                StepStatus.GATED: StepState.SKIPPED, StepStatus.CANCELLED: StepState.FAILED}
 
 
 class PipelineJobs:
@@ -236,8 +237,7 @@ class PipelineJobs:
             data = {k: v for k, v in (("step", event.step), ("reason", event.reason), ("model", event.model),
                                       ("backend", event.backend)) if v is not None}
             if event.kind is PipelineEventKind.STEP_STARTED and event.step is not None:
-                with contextlib.suppress(Exception):  # a step record is informative; never fail the run on it
-                    await self.store.upsert_step(job.id, event.step, StepState.RUNNING)
+                await self.store.upsert_step(job.id, event.step, StepState.RUNNING)
             await self.store.append_event(job.id, f"pipeline.{event.kind.value}", data)
             notify()
 
@@ -245,7 +245,7 @@ class PipelineJobs:
 
     async def _record_steps(self, job: JobRecord, result: PipelineResult) -> None:
         for name, step in result.steps.items():
-            await self.store.upsert_step(job.id, name, _STEP_STATES.get(step.status.value, StepState.FAILED),
+            await self.store.upsert_step(job.id, name, _STEP_STATES[step.status],
                                          outputs=[_output_name(a) for a in step.artifacts],
                                          data={"reason": step.reason, "passed": step.passed})
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mimetypes
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -45,6 +44,7 @@ from comfy_orchestrator.store import (
     JobStore,
     OutputRecord,
     StoreError,
+    collect_outputs,
     error_info,
 )
 
@@ -235,16 +235,7 @@ class Worker:
         return await self._save_result_outputs(job, result.backend, result.result)
 
     async def _save_result_outputs(self, job: JobRecord, backend: str, result: RunResult) -> list[OutputRecord]:
-        client = self.clients[backend]
-        saved = []
-        for node_id, output in result.outputs.items():
-            for ref in output.files:
-                if ref.type != "output":
-                    continue
-                content_type = mimetypes.guess_type(ref.filename)[0] or "application/octet-stream"
-                saved.append(await self.store.save_output(job.id, f"{node_id}/{ref.filename}",
-                                                          client.iter_download(ref), content_type))
-        return saved
+        return await collect_outputs(self.store, self.clients[backend], job.id, result.outputs)
 
     def recorder(self, job: JobRecord) -> Callable[[PoolEvent], Awaitable[None]]:
         """The ``on_event`` of ``job``'s pool run: pool events into the store as the job's events."""

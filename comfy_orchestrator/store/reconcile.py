@@ -10,12 +10,13 @@ can ask the backend what became of the prompt:
     backend is no longer configured              → resubmit (by default: back in the queue,
                                                    the attempt marked ``lost``)
     no prompt in flight (claimed, not submitted)  → back in the queue
+    a pipeline job                                → its prompt taken off its backend, back in the
+                                                    queue: it runs again from the top, and its disk
+                                                    cache turns every graph that finished into a hit
 
 The queue is asked before /history: ComfyUI writes the history entry and drops the prompt from its
-queue in one step, so a prompt found in neither has not run to completion. A pipeline's attempt
-(``attempt.step`` set) that finished records the step and is followed by the pipeline runner, which
-resumes from the recorded steps. Completion goes through ``complete_job``, which ends a job once:
-a worker racing the reconciler cannot complete it twice.
+queue in one step, so a prompt found in neither has not run to completion. Completion goes through
+``complete_job``, which ends a job once: a worker racing the reconciler cannot complete it twice.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from comfy_orchestrator.errors import BackendError, ComfyTimeout
-from comfy_orchestrator.protocol import FileRef, HistoryEntry, QueueState
+from comfy_orchestrator.protocol import FileRef, HistoryEntry, NodeOutput, QueueState
 from comfy_orchestrator.store.base import JobStore
 from comfy_orchestrator.store.errors import JobNotRunning
-from comfy_orchestrator.store.types import AttemptRecord, AttemptState, JobRecord, OutputRecord, StepState
+from comfy_orchestrator.store.types import AttemptRecord, AttemptState, JobKind, JobRecord, OutputRecord
 
 __all__ = [
     "BackendClient",
@@ -57,6 +58,8 @@ class BackendClient(Protocol):
 
     def iter_download(self, ref: FileRef, *, chunk_size: int = ...) -> AsyncIterator[bytes]: ...
 
+    async def cancel(self, prompt_id: str) -> None: ...
+
 
 Resubmit = Callable[[JobRecord, AttemptRecord | None, str], Awaitable[None]]
 """Called with the job, its lost attempt and why; puts the job back in line (see ``requeue_lost``)."""
@@ -68,7 +71,6 @@ class Outcome(enum.StrEnum):
     FOLLOW = "follow"  # still queued or running on its backend: resubscribe (the lease is ours now)
     COMPLETED = "completed"  # it had finished: outputs collected, job succeeded
     FAILED = "failed"  # it had ended with an error or was interrupted: job failed
-    STEP_DONE = "step_done"  # a pipeline step's prompt had ended: step recorded, the pipeline resumes
     RESUBMITTED = "resubmitted"  # unknown to its backend (or the backend is gone): handed to ``resubmit``
     REQUEUED = "requeued"  # no prompt was in flight: back in the queue
     ALREADY_ENDED = "already_ended"  # the job ended meanwhile (another worker finished it): nothing changed
@@ -153,6 +155,8 @@ async def reconcile_job(
         released = await store.release(job.id, reason="no prompt in flight")
         return _done(job, attempt, Outcome.REQUEUED if released else Outcome.ALREADY_ENDED, "no prompt in flight")
     client = clients.get(attempt.backend)
+    if job.kind is JobKind.PIPELINE:
+        return await _requeue_pipeline(store, job, attempt, client)
     if client is None:
         reason = f"backend {attempt.backend} is not configured"
         await resubmit(job, attempt, reason)
@@ -190,31 +194,38 @@ async def _settle(
 ) -> Reconciled:
     """The prompt ended on its backend while nobody watched: record how."""
     error = _history_error(entry)
-    if attempt.step is not None:
-        outputs = [] if error else await collect_outputs(store, client, job.id, entry)
-        await store.upsert_step(job.id, attempt.step, StepState.FAILED if error else StepState.SUCCEEDED,
-                                outputs=[o.name for o in outputs], data={"error": error} if error else None)
-        await store.finish_attempt(job.id, attempt.n, AttemptState.FAILED if error else AttemptState.SUCCEEDED,
-                                   error=error)
-        taken = await store.take_over(job.id, worker_id, lease_s=lease_s)
-        return _done(job, attempt, Outcome.STEP_DONE if taken else Outcome.ALREADY_ENDED, f"step {attempt.step}")
     if error is not None:
         changed = await store.fail_job(job.id, error)
         return _done(job, attempt, Outcome.FAILED if changed else Outcome.ALREADY_ENDED, error["message"])
-    outputs = await collect_outputs(store, client, job.id, entry)
+    outputs = await collect_outputs(store, client, job.id, entry.outputs)
     result = {"backend": attempt.backend, "prompt_id": attempt.prompt_id, "outputs": [o.name for o in outputs],
               "text": {node: list(out.text) for node, out in entry.outputs.items() if out.text}}
     changed = await store.complete_job(job.id, result, outputs)
     return _done(job, attempt, Outcome.COMPLETED if changed else Outcome.ALREADY_ENDED, "finished on the backend")
 
 
+async def _requeue_pipeline(
+    store: JobStore, job: JobRecord, attempt: AttemptRecord, client: BackendClient | None
+) -> Reconciled:
+    """A pipeline's prompt is one of many, and its result would not reach the pipeline's cache: take
+    it off its backend (harmless when it already ended) and run the pipeline again from the top."""
+    if client is not None:
+        try:
+            await client.cancel(attempt.prompt_id)
+        except (BackendError, ComfyTimeout) as exc:
+            log.info("job %s: could not take prompt %s off %s: %s", job.id, attempt.prompt_id, attempt.backend, exc)
+    released = await store.release(job.id, reason="restarted: the pipeline resumes from its cache")
+    return _done(job, attempt, Outcome.REQUEUED if released else Outcome.ALREADY_ENDED, "a pipeline job")
+
+
 async def collect_outputs(
-    store: JobStore, client: BackendClient, job_id: str, entry: HistoryEntry
+    store: JobStore, client: BackendClient, job_id: str, outputs: Mapping[str, NodeOutput]
 ) -> list[OutputRecord]:
-    """Stream each output file of a finished prompt (``type == "output"``; previews are skipped)
-    from the backend into the store, named ``<node id>/<file name>``."""
+    """Stream each output file of a finished prompt (its history entry's or ``RunResult``'s
+    ``outputs``; ``type == "output"`` only, previews are skipped) from the backend into the store,
+    named ``<node id>/<file name>``."""
     saved = []
-    for node_id, output in entry.outputs.items():
+    for node_id, output in outputs.items():
         for ref in output.files:
             if ref.type != "output":
                 continue

@@ -251,3 +251,18 @@ async def test_a_backend_down_at_start_joins_when_it_comes_up(start_double: Star
         await asyncio.sleep(0.1)
         a.faults.refuse = False
         assert (await pool.result(job)).backend == "a"
+
+
+async def test_jobs_awaited_by_run_are_not_kept_after_they_end() -> None:
+    from comfy_orchestrator.pool import BackendConfig, Pool
+    from comfy_orchestrator.testing import FakeComfyUI
+    from tests.contract import graphs
+
+    async with FakeComfyUI(name="keep") as server, Pool([BackendConfig("a", server.url)]) as pool:
+        ran = [(await pool.run(graphs.model_free(), timeout=10)).job_id for _ in range(3)]
+        submitted = await pool.submit(graphs.model_free())
+        await pool.result(submitted)
+        await asyncio.sleep(0.05)  # the job tasks' done callbacks run
+        assert await pool.result(submitted)  # a submit()'s result stays readable after it ended
+        assert submitted in pool._finished
+        assert not set(ran) & set(pool._finished)  # the run() jobs left nothing behind

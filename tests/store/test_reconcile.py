@@ -24,7 +24,6 @@ from comfy_orchestrator.store import (
     JobState,
     JobStore,
     Outcome,
-    StepState,
     reconcile_job,
     reconcile_running,
 )
@@ -204,18 +203,25 @@ async def test_racing_reconcilers_complete_a_job_once(
     assert len(ends) == 1
 
 
-async def test_a_finished_pipeline_step_is_recorded_and_resumed(
+async def test_a_pipeline_job_goes_back_to_the_queue_with_its_prompt_taken_off(
     store: JobStore, server: FakeComfyUI, client: ComfyClient
 ) -> None:
-    job, _attempt = await submitted_job(store, server, step="draft")
-    [item] = (await reconcile_running(store, {"gpu-a": client}, worker_id="svc-2")).items
-    assert item.outcome is Outcome.STEP_DONE
-    [step] = await store.list_steps(job.id)
-    assert step.name == "draft"
-    assert step.state is StepState.SUCCEEDED
-    assert len(step.outputs) == 1
-    resumed = await store.get_job("acme", job.id)
-    assert resumed is not None
-    assert resumed.state is JobState.RUNNING
-    assert resumed.lease_owner == "svc-2"
-    assert (await store.list_attempts(job.id))[0].state is AttemptState.SUCCEEDED
+    job, _ = await store.create_job("acme", "pipeline", {"steps": []})
+    await store.claim_next("old-worker", lease_s=600)
+    attempt = await store.start_attempt(job.id, "gpu-a", str(uuid.uuid4()), step="draft")
+    server.faults.hang = HangMode.START  # queued on the backend, never started
+    try:
+        async with ComfyClient(server.url, timeouts=FAST) as old:
+            await old.submit(invert_graph(), prompt_id=attempt.prompt_id)
+        await until(lambda: server.queue_remaining == 1)
+        [item] = (await reconcile_running(store, {"gpu-a": client}, worker_id="svc-2")).items
+    finally:
+        server.faults.hang = None
+    assert item.outcome is Outcome.REQUEUED
+    requeued = await store.get_job("acme", job.id)
+    assert requeued is not None
+    assert requeued.state is JobState.QUEUED  # the pipeline runs again, its cache holding what finished
+    assert (await store.list_attempts(job.id))[0].state is AttemptState.ABANDONED
+    await until(lambda: server.queue_remaining == 0)  # the old prompt was taken off its backend
+    assert attempt.prompt_id not in server.history or \
+        server.history[attempt.prompt_id]["status"]["status_str"] != "success"
