@@ -359,6 +359,11 @@ class ComfyClient:
             body["front"] = True
         try:
             await self._http.submit(body)
+        except asyncio.CancelledError:
+            self._forget(prompt_id)
+            # cancelled with the request on its way: the server may have queued the prompt already
+            await asyncio.shield(self._abandon(prompt_id))
+            raise
         except BaseException:
             self._forget(prompt_id)
             raise

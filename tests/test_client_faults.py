@@ -156,6 +156,26 @@ async def test_cancelling_run_interrupts_only_that_prompt(server: FakeComfyUI) -
         assert queue.pending == ()
 
 
+async def test_cancelling_run_while_the_prompt_is_queued_but_unanswered_takes_it_off(server: FakeComfyUI) -> None:
+    """The server queued the prompt, its answer is still on the way: the prompt is not left running."""
+    async with ComfyClient(server.url, timeouts=FAST) as client:
+        server.faults.response_delay = 1.0
+        run = asyncio.create_task(client.run(_slow(), timeout=30, prompt_id="late-answer"))
+        async with asyncio.timeout(10):
+            while True:
+                if server.running_prompt_id == "late-answer":
+                    break
+                await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        server.faults.response_delay = 0.0
+        assert server.history["late-answer"]["status"]["status_str"] != "success"
+        queue = await client.queue()
+        assert queue.running == ()
+        assert queue.pending == ()
+
+
 async def test_interrupted_prompt_raises_job_cancelled(server: FakeComfyUI) -> None:
     async with ComfyClient(server.url, timeouts=FAST) as client:
         started = asyncio.Event()

@@ -4,6 +4,10 @@ With no ``[[backends]]`` and no ``[managed]`` section it runs a local ComfyUI it
 backend: on every GPU ``nvidia-smi`` lists, else one on the CPU) when one is installed, and says what
 to do when none is.
 
+With ``[server] processes`` above 1 this process binds the port and supervises that many service
+processes on it (``service.processes``); they run this same command with the hidden ``--process``
+options.
+
 On either signal the service drains (``/readyz`` answers 503, workers stop claiming), waits up to
 ``[server] drain_timeout`` for running jobs, hands the rest back to the queue and closes the store.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import click
@@ -24,6 +29,7 @@ from comfy_orchestrator.service import ServiceSettings, SettingsError, create_ap
 from comfy_orchestrator.service.access_log import AccessLogger
 from comfy_orchestrator.service.app import drain
 from comfy_orchestrator.service.managed import ManagedBackendError, plan_slots, visible_gpus
+from comfy_orchestrator.service.processes import ProcessRole, run_processes
 from comfy_orchestrator.service.settings import ManagedSettings
 
 __all__ = ["serve"]
@@ -36,17 +42,43 @@ log = logging.getLogger(__name__)
               help="The service's TOML settings file.")
 @click.option("--host", default=None, help="Override [server] host.")
 @click.option("--port", default=None, type=int, help="Override [server] port.")
-def serve(config_path: Path, host: str | None, port: int | None) -> None:
+@click.option("--process", "process", default=None, hidden=True)  # I/N: a child of a multi-process service
+@click.option("--listen-fd", type=int, default=None, hidden=True)
+@click.option("--bus-dir", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
+@click.option("--reconcile", is_flag=True, hidden=True)
+def serve(config_path: Path, host: str | None, port: int | None, process: str | None, listen_fd: int | None,
+          bus_dir: Path | None, reconcile: bool) -> None:
     """Serve the job API (HTTP + WebSocket) over the configured backends."""
     try:
         settings = ServiceSettings.load(config_path)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    settings = _with_local_default(settings, config_path)
     server = settings.server
-    app = create_app(settings)
+    host, port = host or server.host, server.port if port is None else port
+    if process is None and server.processes > 1:
+        if not settings.backends:
+            raise click.ClickException(
+                f"{config_path}: [server] processes = {server.processes} needs the ComfyUI servers listed as "
+                "[[backends]]: the local ComfyUI the service runs by itself belongs to one process")
+        try:
+            asyncio.run(run_processes(config_path, host, port, processes=server.processes,
+                                      drain_timeout=server.drain_timeout))
+        except (RuntimeError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return
+    role = None
+    if process is not None:
+        if listen_fd is None or bus_dir is None:
+            raise click.UsageError("--process needs --listen-fd and --bus-dir")
+        try:
+            role = ProcessRole.parse(process, bus_dir, reconcile=reconcile)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    else:
+        settings = _with_local_default(settings, config_path)
+    app = create_app(settings, role=role)
     try:
-        asyncio.run(_serve(app, host or server.host, server.port if port is None else port))
+        asyncio.run(_serve(app, host, port, listen_fd=listen_fd))
     except ManagedBackendError as exc:  # not one managed ComfyUI started (their logs say why)
         raise click.ClickException(str(exc)) from None
 
@@ -83,14 +115,18 @@ def _with_local_default(settings: ServiceSettings, config_path: Path) -> Service
     return settings.model_copy(update={"managed": managed})
 
 
-async def _serve(app: web.Application, host: str, port: int) -> None:
+async def _serve(app: web.Application, host: str, port: int, *, listen_fd: int | None = None) -> None:
     """Listen until SIGINT/SIGTERM, drain while still listening (so ``/readyz`` answers 503 and
-    in-flight requests are answered), then stop listening and shut down."""
+    in-flight requests are answered), then stop listening and shut down. ``listen_fd``: a socket
+    the supervising process bound (``host`` and ``port`` are then unused)."""
     runner = web.AppRunner(app, access_log=log, access_log_class=AccessLogger, shutdown_timeout=10.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
-        log.info("serving on http://%s:%d", host, port)
+        if listen_fd is None:
+            await web.TCPSite(runner, host, port).start()
+            log.info("serving on http://%s:%d", host, port)
+        else:
+            await web.SockSite(runner, socket.socket(fileno=listen_fd)).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

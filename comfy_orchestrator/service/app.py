@@ -3,7 +3,8 @@
 One lifespan (a ``cleanup_ctx`` generator) owns everything with a start and an end:
 
     start-up   open the store → start the pool → reconcile the jobs a previous process left
-               running → start the workers → ready (``/readyz`` 200)
+               running (in a multi-process service: process 0 only) → start the workers → ready
+               (``/readyz`` 200)
     shutdown   draining (``/readyz`` 503, workers stop claiming, event sockets closed) → wait up to
                ``drain_timeout`` for running jobs → cancel the rest on their backends and release
                them to the queue → close the pool, the clients and the store
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import uuid
@@ -44,6 +46,7 @@ from comfy_orchestrator.service.keys import (
     LIFECYCLE,
     MANAGED,
     NOTIFIER,
+    PEERS,
     PIPELINES,
     POOL,
     SETTINGS,
@@ -53,11 +56,13 @@ from comfy_orchestrator.service.keys import (
 )
 from comfy_orchestrator.service.managed import Supervisor
 from comfy_orchestrator.service.notifier import Notifier
+from comfy_orchestrator.service.peers import PeerBus
 from comfy_orchestrator.service.pipeline_jobs import EvaluatorSource, PipelineJobs
+from comfy_orchestrator.service.processes import ProcessRole
 from comfy_orchestrator.service.settings import ServiceSettings
 from comfy_orchestrator.service.state import Lifecycle, Phase
 from comfy_orchestrator.service.worker import Worker
-from comfy_orchestrator.store import SQLiteJobStore, reconcile_running
+from comfy_orchestrator.store import JobKind, SQLiteJobStore, reconcile_running
 
 __all__ = ["create_app"]
 
@@ -69,16 +74,20 @@ def create_app(
     *,
     pool_settings: PoolSettings | None = None,
     templates_dir: str | Path | None = None,
+    role: ProcessRole | None = None,
 ) -> web.Application:
     """The service; run it with ``web.run_app`` or an ``AppRunner``. ``pool_settings`` tunes health
-    checks and retries; ``templates_dir`` overrides where templates come from."""
+    checks and retries; ``templates_dir`` overrides where templates come from; ``role``: which
+    process of a multi-process service this is (``service.processes``), None for the only one."""
     app = web.Application(middlewares=[metrics.metrics_middleware, error_middleware, auth_middleware],
                           client_max_size=settings.limits.max_body_bytes)
     configs = [b.config() for b in settings.backends]
     app[SETTINGS] = settings
     store = SQLiteJobStore(settings.store.path, settings.store.outputs_dir)
     app[STORE] = store
-    app[POOL] = Pool(configs, pool_settings or settings.pool.pool_settings())
+    slots = configs if role is None else [dataclasses.replace(c, max_in_flight=role.share(c.max_in_flight))
+                                          for c in configs]
+    app[POOL] = Pool(slots, pool_settings or settings.pool.pool_settings())
     app[metrics.METRICS] = metrics.Metrics()
     app[metrics.METRICS].watch(app[POOL])
     app[CLIENTS] = BackendClients(configs)
@@ -90,7 +99,9 @@ def create_app(
     app[PIPELINES] = PipelineJobs(store, app[POOL], known, evaluators,
                                   work_dir=state_dir / "pipeline-work", cache_dir=state_dir / "pipeline-cache")
     app[NOTIFIER] = Notifier()
-    app[LIFECYCLE] = Lifecycle()
+    if role is not None:
+        app[PEERS] = PeerBus(role.bus_dir, role.index, role.count, functools.partial(_on_peer_message, app))
+    app[LIFECYCLE] = Lifecycle(role)
     sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
     app[SOCKETS] = sockets
     for table in (jobs.routes, outputs.routes, events.routes, health.routes, metrics.routes, openapi.routes,
@@ -113,18 +124,40 @@ async def drain(app: web.Application) -> None:
 async def _begin_drain(app: web.Application) -> None:
     """First step of shutdown (before cleanup): unready, stop claiming, close event sockets."""
     app[LIFECYCLE].drain()
-    app[NOTIFIER].notify()
+    app[NOTIFIER].notify(relay=False)
     sockets = app[SOCKETS]
     for ws in list(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 
+def _on_peer_message(app: web.Application, kind: str, argument: str) -> None:
+    """What a sibling process said (see ``service.peers``)."""
+    notifier = app[NOTIFIER]
+    if kind == "e":
+        notifier.notify(relay=False)
+    elif kind == "q":
+        notifier.job_queued(relay=False)
+    elif kind == "c" and argument.count(" ") == 1:
+        job_id, job_kind = argument.split(" ")
+        try:
+            app[LIFECYCLE].spawn(jobs.interrupt(app, job_id, JobKind(job_kind)), name=f"cancel:{job_id}")
+        except ValueError:
+            log.warning("a sibling process asked to cancel job %r of an unknown kind %r", job_id, job_kind)
+    else:
+        log.warning("unknown message from a sibling process: %r %r", kind, argument)
+
+
 async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIterator[None]:
     settings, lifecycle = app[SETTINGS], app[LIFECYCLE]
     pool, clients = app[POOL], app[CLIENTS]
+    role = lifecycle.role
     async with contextlib.AsyncExitStack() as stack:
         await store.open()
         stack.push_async_callback(store.close)
+        if (peers := app.get(PEERS)) is not None:
+            await peers.start()
+            stack.callback(peers.close)
+            app[NOTIFIER].relay = peers.publish
         stack.push_async_callback(clients.close)
         await pool.start()
         stack.push_async_callback(pool.close)
@@ -132,26 +165,29 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
         await app[MANAGED].start()  # when a start is cut short. Local ComfyUIs join the pool as each answers
         instance = uuid.uuid4().hex[:8]
         templates = app[TEMPLATES]
+        n_workers = settings.server.workers if role is None else role.share(settings.server.workers)
         stack.push_async_callback(app[PIPELINES].evaluators.close)
         workers = [
             Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-{n}",
                    lease_s=settings.server.lease_s, pipelines=app[PIPELINES], inputs=app[inputs.INPUTS])
-            for n in range(settings.server.workers)
+            for n in range(n_workers)
         ]
         adopter = Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-adopt",
                          lease_s=settings.server.lease_s, pipelines=app[PIPELINES])
-        tasks = await _reconcile(app, adopter)
+        tasks = await _reconcile(app, adopter) if role is None or role.reconcile else []
         tasks += [asyncio.create_task(w.run(lifecycle.stopping), name=f"worker:{w.worker_id}") for w in workers]
         lifecycle.workers = tasks
         lifecycle.phase = Phase.READY
-        log.info("service ready: %d workers, %d backends, %d prompts adopted", len(workers), len(pool.backends()),
+        log.info("service%s ready: %d workers, %d backends, %d prompts adopted",
+                 f" process {role.label}" if role is not None else "", len(workers), len(pool.backends()),
                  len(tasks) - len(workers))
         try:
             yield
         finally:
             lifecycle.drain()
-            app[NOTIFIER].notify()
+            app[NOTIFIER].notify(relay=False)
             await _stop_workers(tasks, settings.server.drain_timeout)
+            await lifecycle.settle_spawned()
 
 
 async def _reconcile(app: web.Application, adopter: Worker) -> list[asyncio.Task[None]]:

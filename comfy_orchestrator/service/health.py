@@ -3,6 +3,8 @@ and ``GET /v1/backends`` (each backend's health, capabilities and load, from the
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 
 from comfy_orchestrator.service.keys import LIFECYCLE, MANAGED, POOL
@@ -14,7 +16,8 @@ routes = web.RouteTableDef()
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    role = request.app[LIFECYCLE].role
+    return web.json_response({"status": "ok", "pid": os.getpid(), "process": role.label if role is not None else "0/1"})
 
 
 @routes.get("/readyz")

@@ -19,6 +19,7 @@ from comfy_orchestrator.service.keys import (
     CLIENTS,
     LIFECYCLE,
     NOTIFIER,
+    PEERS,
     PIPELINES,
     POOL,
     SETTINGS,
@@ -157,6 +158,20 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response({"items": [job_json(job) for job in page.items], "next_cursor": page.next_cursor})
 
 
+async def interrupt(app: web.Application, job_id: str, kind: JobKind) -> bool:
+    """Take the prompt(s) of ``job_id`` off their backend, if this process runs them; whether it did."""
+    pool = app[POOL]
+    if job_id in pool.jobs():
+        await pool.cancel(job_id)  # interrupts that prompt only, on its backend
+        return True
+    if (adopted := app[LIFECYCLE].adopted.get(job_id)) is not None:
+        adopted.cancel()  # a prompt a previous process left running: taken off its backend
+        return True
+    if kind is JobKind.PIPELINE:
+        return await pool.cancel_all({"job": job_id}) > 0  # a pipeline's prompts carry its job id
+    return False
+
+
 @routes.post("/v1/jobs/{job_id}/cancel")
 async def cancel(request: web.Request) -> web.Response:
     app, tenant = request.app, request[TENANT]
@@ -164,13 +179,8 @@ async def cancel(request: web.Request) -> web.Response:
     if not await app[STORE].cancel_job(tenant, job.id):
         raise ApiError(409, "JobEnded", f"job {job.id} already ended ({job.state.value})")
     app[NOTIFIER].notify()
-    pool = app[POOL]
-    if job.id in pool.jobs():
-        await pool.cancel(job.id)  # interrupts that prompt only, on its backend
-    elif (adopted := app[LIFECYCLE].adopted.get(job.id)) is not None:
-        adopted.cancel()  # a prompt a previous process left running: taken off its backend
-    elif job.kind is JobKind.PIPELINE:
-        await pool.cancel_all({"job": job.id})  # the pipeline's prompts carry its job id
+    if not await interrupt(app, job.id, job.kind) and (peers := app.get(PEERS)) is not None:
+        peers.send_now("c", f"{job.id} {job.kind.value}")  # not running here: the sibling that runs it interrupts it
     log.info("tenant %s: job %s cancelled", tenant, job.id)
     cancelled = await _job_or_404(request)
     return web.json_response(job_json(cancelled))

@@ -11,6 +11,7 @@ from comfy_orchestrator.pool import Pool
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.managed import Supervisor
 from comfy_orchestrator.service.notifier import Notifier
+from comfy_orchestrator.service.peers import PeerBus
 from comfy_orchestrator.service.pipeline_jobs import PipelineJobs
 from comfy_orchestrator.service.settings import ServiceSettings
 from comfy_orchestrator.service.state import Lifecycle
@@ -21,6 +22,7 @@ __all__ = [
     "LIFECYCLE",
     "MANAGED",
     "NOTIFIER",
+    "PEERS",
     "PIPELINES",
     "POOL",
     "SETTINGS",
@@ -40,5 +42,6 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 MANAGED = web.AppKey("managed", Supervisor)  # the [managed] local ComfyUI processes (none when not configured)
 PIPELINES = web.AppKey("pipelines", PipelineJobs)  # runs pipeline-kind jobs (and owns the evaluator)
 SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+PEERS = web.AppKey("peers", PeerBus)  # the sibling processes (only with [server] processes above 1)
 
 TENANT = web.RequestKey("tenant", str)

@@ -16,6 +16,10 @@ nothing is registered at import, so two apps in one process (the tests) never sh
     comfy_orchestrator_http_requests_total{route,method,status}
     comfy_orchestrator_http_request_seconds{route,method}
 
+In a multi-process service (``service.processes``) every value lives in ``PROMETHEUS_MULTIPROC_DIR``
+and ``/metrics`` sums counters and histograms over the processes (whichever answers); the store's
+gauges come from the process that answers, ``backend_in_flight`` is summed over the live processes.
+
 ``/metrics`` is served without a token (Prometheus scrapes it, usually on a private network): it
 therefore shows nothing that belongs to a tenant — no tenant names, job ids, labels or token
 fragments; routes are their templates (``/v1/jobs/{job_id}``), never the concrete path.
@@ -24,12 +28,14 @@ fragments; routes are their templates (``/v1/jobs/{job_id}``), never the concret
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import os
 import time
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from comfy_orchestrator.pool import EventKind, Pool, PoolEvent
@@ -60,11 +66,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.jobs = Gauge(f"{_NS}_jobs", "Jobs queued or running, by state (all tenants).", ["state"], registry=r)
-        self.queue_depth = Gauge(f"{_NS}_queue_depth", "Jobs waiting for a worker (all tenants).", registry=r)
-        self.in_flight = Gauge(f"{_NS}_backend_in_flight", "Prompts a backend runs now.", ["backend"], registry=r)
+        # set by the parent of a multi-process service (read by prometheus_client at import, too)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.jobs = Gauge(f"{_NS}_jobs", "Jobs queued or running, by state (all tenants).", ["state"], registry=r,
+                          multiprocess_mode="mostrecent")
+        self.queue_depth = Gauge(f"{_NS}_queue_depth", "Jobs waiting for a worker (all tenants).", registry=r,
+                                 multiprocess_mode="mostrecent")
+        self.in_flight = Gauge(f"{_NS}_backend_in_flight", "Prompts a backend runs now.", ["backend"], registry=r,
+                               multiprocess_mode="livesum")
         self.healthy = Gauge(f"{_NS}_backend_healthy", "1 when a backend passes its health checks.", ["backend"],
-                             registry=r)
+                             registry=r, multiprocess_mode="mostrecent")
         self.attempts = Counter(f"{_NS}_attempts", "Pool attempts that ended, by backend and outcome.",
                                 ["backend", "outcome"], registry=r)
         self.attempt_seconds = Histogram(f"{_NS}_attempt_seconds", "Time from dispatch to the end of an attempt.",
@@ -76,6 +87,7 @@ class Metrics:
         self.request_seconds = Histogram(f"{_NS}_http_request_seconds", "Time to answer an HTTP request.",
                                          ["route", "method"], buckets=_HTTP_BUCKETS, registry=r)
         self._dispatched: dict[str, tuple[str, float]] = {}  # job id -> (backend, dispatch time) of its attempt
+        self._running: collections.Counter[str] = collections.Counter()  # backend -> attempts in _dispatched
 
     def watch(self, pool: Pool) -> None:
         """Observe every attempt ``pool`` runs (a synchronous listener: it never awaits)."""
@@ -84,6 +96,7 @@ class Metrics:
     def on_pool_event(self, event: PoolEvent) -> None:
         if event.kind is EventKind.DISPATCHED and event.backend is not None:
             self._dispatched[event.job_id] = (event.backend, event.at)
+            self._count(event.backend, 1)
             return
         outcome = _ENDS.get(event.kind)
         if outcome is None:
@@ -92,8 +105,16 @@ class Metrics:
         if started is None:  # failed or cancelled before any backend took it
             return
         backend, at = started
+        self._count(backend, -1)
         self.attempts.labels(backend, outcome).inc()
         self.attempt_seconds.labels(backend, outcome).observe(max(event.at - at, 0.0))
+
+    def _count(self, backend: str, change: int) -> None:
+        """This process's attempts on ``backend``; other processes' are summed in at a scrape only
+        when each keeps its own gauge current."""
+        self._running[backend] += change
+        if self.multiprocess:
+            self.in_flight.labels(backend).set(self._running[backend])
 
     def observe_score(self, score: float) -> None:
         """Record a quality score the evaluator gave an image."""
@@ -117,11 +138,16 @@ class Metrics:
             self.jobs.labels(state.value).set(n)
         self.queue_depth.set(counts[JobState.QUEUED])
         for status in pool.backends():
-            self.in_flight.labels(status.name).set(status.in_flight)
+            if not self.multiprocess:
+                self.in_flight.labels(status.name).set(status.in_flight)
             self.healthy.labels(status.name).set(1 if status.healthy else 0)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # every process's values, summed
+        return generate_latest(registry)
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -207,7 +207,13 @@ def _paths() -> dict[str, Any]:
     public: list[Any] = []
     return {
         "/healthz": {"get": {"operationId": "healthz", "summary": "The process answers.", "security": public,
-                             "responses": {"200": _json(status, "Alive.")}}},
+                             "responses": {"200": _json({
+                                 "type": "object", "required": ["status", "pid", "process"],
+                                 "properties": {"status": {"type": "string"}, "pid": {"type": "integer"},
+                                                "process": {"type": "string", "pattern": r"^\d+/\d+$",
+                                                            "description": "Which service process answered "
+                                                                           "(index/count)."}}},
+                                 "Alive.")}}},
         "/readyz": {"get": {
             "operationId": "readyz", "summary": "Ready for jobs (503 while starting or draining).", "security": public,
             "responses": {"200": _json(status, "Ready."),

@@ -1,7 +1,8 @@
 """The service's settings: one frozen pydantic model, loaded from a TOML file by the CLI.
 
     [server]   host, port, workers (claiming tasks), lease_s, drain_timeout (seconds a shutdown
-               waits for running jobs before handing them back to the queue), heartbeat_s
+               waits for running jobs before handing them back to the queue), heartbeat_s,
+               processes (service processes sharing the port, the store and the backends' slots)
     [store]    path (the SQLite file), outputs_dir
     [[backends]] name, url, headers, max_in_flight
     [managed]  ComfyUI processes the service starts and supervises itself (see ``service.managed``):
@@ -61,6 +62,10 @@ class ServerSettings(_Section):
     lease_s: float = Field(default=60.0, gt=0)  # a job's lease; renewed every third of it while it runs
     drain_timeout: float = Field(default=30.0, ge=0)  # on shutdown: wait this long for running jobs, then release them
     heartbeat_s: float = Field(default=20.0, gt=0)  # WebSocket ping interval
+    # Service processes on one port (see ``service.processes``): each runs its share of ``workers``
+    # and of every backend's ``max_in_flight``, over the one store. Above 1 the store is the only
+    # shared state; [managed] backends need a single process.
+    processes: int = Field(default=1, ge=1, le=64)
 
 
 class StoreSettings(_Section):
@@ -205,6 +210,13 @@ class ServiceSettings(_Section):
         taken = sorted(b.name for b in self.backends if re.fullmatch(r"local-\d+", b.name))
         if self.managed is not None and taken:
             raise ValueError(f"backends {taken}: names local-N are kept for the [managed] processes")
+        return self
+
+    @model_validator(mode="after")
+    def _managed_in_one_process(self) -> ServiceSettings:
+        if self.managed is not None and self.server.processes > 1:
+            raise ValueError("[managed] ComfyUI processes are supervised by one service process: use "
+                             "[server] processes = 1, or run the ComfyUIs yourself and list them as [[backends]]")
         return self
 
     @model_validator(mode="after")

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from comfy_orchestrator.service.processes import ProcessRole
 
 __all__ = ["Lifecycle", "Phase"]
 
@@ -15,13 +21,26 @@ class Phase(enum.StrEnum):
 
 
 class Lifecycle:
-    def __init__(self) -> None:
+    def __init__(self, role: ProcessRole | None = None) -> None:
+        self.role = role  # which process of a multi-process service this is; None: the only one
         self.phase = Phase.STARTING
         self.stopping = asyncio.Event()  # set when draining begins: workers stop claiming
         self.workers: list[asyncio.Task[None]] = []  # the running worker tasks, for a drain to wait on
         # job id → the task following a prompt a previous process left running; cancelling the task
         # takes the prompt off its backend (what a tenant's cancel does).
         self.adopted: dict[str, asyncio.Task[None]] = {}
+        self._spawned: set[asyncio.Task[Any]] = set()  # short tasks nobody awaits (a sibling's cancel)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
+        """Run ``coro`` in the background, held until it ends (and awaited at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    async def settle_spawned(self) -> None:
+        for task in list(self._spawned):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
 
     def drain(self) -> None:
         self.phase = Phase.DRAINING

@@ -75,6 +75,9 @@ class Faults:
 
     latency
         Seconds added before every HTTP response and WebSocket handshake.
+    response_delay
+        Seconds between a request being handled (a prompt queued, say) and its answer going out: a
+        slow proxy, or a client cancelled while the server already acted.
     http_500
         The next N HTTP requests (any route, the WebSocket handshake included) answer
         ``500 Internal Server Error`` as aiohttp words it; counts down to 0.
@@ -105,6 +108,7 @@ class Faults:
     """
 
     latency: float = 0.0
+    response_delay: float = 0.0
     http_500: int = 0
     refuse: bool = False
     ws_drop_after: int | None = None
@@ -134,7 +138,7 @@ class Faults:
     def clear(self) -> None:
         """Turn every knob off."""
         defaults = Faults()
-        for name in ("latency", "http_500", "refuse", "ws_drop_after", "hang", "history_delay",
+        for name in ("latency", "response_delay", "http_500", "refuse", "ws_drop_after", "hang", "history_delay",
                      "execution_error", "die_mid_job", "restart_after"):
             setattr(self, name, getattr(defaults, name))
 

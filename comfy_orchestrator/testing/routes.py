@@ -54,6 +54,8 @@ async def _faults_middleware(request: web.Request, handler: Any) -> web.StreamRe
     if faults.take_http_500():
         return _server_error()
     response: web.StreamResponse = await handler(request)
+    if faults.response_delay > 0:
+        await asyncio.sleep(faults.response_delay)
     return response
 
 

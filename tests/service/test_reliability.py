@@ -65,7 +65,7 @@ async def _start(config: Path, port: int, session: aiohttp.ClientSession, *, nam
     log = config.parent / f"{name}.log"
     with log.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "comfy_orchestrator", "serve", "--config", str(config),
+            sys.executable, "-m", "comfy_orchestrator", "-v", "serve", "--config", str(config),
             stdout=sink, stderr=asyncio.subprocess.STDOUT,
         )
     proc = Proc(process, log)

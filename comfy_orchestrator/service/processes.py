@@ -1,0 +1,221 @@
+"""``[server] processes = N``: one service on one port, run by N processes.
+
+One event loop answers a few hundred jobs a second; past that the service needs more cores. With
+``processes`` above 1, ``comfy-orch serve`` becomes a small supervisor:
+
+* it binds the listening socket itself and hands it to N children (``comfy-orch serve`` again, with
+  ``--process I/N``), so the kernel spreads connections over them and any port works, 0 included;
+* every child is a whole service over the one store: it accepts jobs, serves reads and event
+  sockets, and runs ``ProcessRole.share`` of the ``workers`` and of each backend's
+  ``max_in_flight`` (so the backends see the slots configured, not N times as many);
+* process 0 starts alone and reconciles what a previous run left running; the others start once it
+  is ready, so no job one of them has just claimed is mistaken for a leftover;
+* the children wake each other through ``service.peers`` (events appended, jobs queued, cancels);
+  the store stays the only shared state, and its writers take turns on a file lock;
+* Prometheus metrics are kept in ``PROMETHEUS_MULTIPROC_DIR`` and summed over the children, so any
+  of them answers ``/metrics`` for all;
+* a child that dies is started again (backoff from 1 s to 30 s); its jobs are taken over by the
+  others once their leases run out. SIGTERM or SIGINT drains every child (``/readyz`` 503, running
+  jobs finished or handed back) and waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+__all__ = ["ProcessRole", "run_processes"]
+
+log = logging.getLogger(__name__)
+
+_RESTART_MIN_S = 1.0
+_RESTART_MAX_S = 30.0
+_HEALTHY_RESET_S = 60.0  # up this long: the next crash restarts after the minimum again
+_EXIT_GRACE_S = 20.0  # beyond drain_timeout, before a child that ignores SIGTERM is killed
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRole:
+    """Which process of a multi-process service this one is."""
+
+    index: int
+    count: int
+    bus_dir: Path
+    reconcile: bool = False  # settle what a previous run left running (process 0, at the first start only)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"process index {self.index} is not in 0..{self.count - 1}")
+
+    def share(self, total: int) -> int:
+        """This process's part of ``total`` (workers, one backend's slots): as even as the count
+        allows, and never below 1 (a backend with fewer slots than processes is then oversubscribed
+        by the difference; ComfyUI queues what it cannot start)."""
+        return max(1, total // self.count + (1 if self.index < total % self.count else 0))
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @classmethod
+    def parse(cls, text: str, bus_dir: Path, *, reconcile: bool) -> ProcessRole:
+        """From ``I/N`` (the hidden ``--process`` option)."""
+        index, sep, count = text.partition("/")
+        if not sep or not index.isdigit() or not count.isdigit():
+            raise ValueError(f"--process takes INDEX/COUNT, got {text!r}")
+        return cls(int(index), int(count), bus_dir, reconcile=reconcile)
+
+
+class _Child:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started = 0.0
+        self.restarts = 0
+        self.backoff = _RESTART_MIN_S
+
+
+async def run_processes(config_path: Path, host: str, port: int, *, processes: int, drain_timeout: float) -> None:
+    """Bind ``host:port``, run ``processes`` children of ``comfy-orch serve --config config_path``
+    on it until SIGINT/SIGTERM, then drain them. Raises RuntimeError when process 0 exits before
+    it is ready (its own log says why)."""
+    listener = socket.create_server((host, port), backlog=2048)
+    listener.set_inheritable(True)
+    bound = listener.getsockname()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # a short path: Unix socket names are limited to about 100 bytes
+    with listener, tempfile.TemporaryDirectory(prefix="comfy-orch-") as tmp:
+        bus_dir, metrics_dir = Path(tmp) / "bus", Path(tmp) / "metrics"
+        bus_dir.mkdir(mode=0o700)
+        metrics_dir.mkdir(mode=0o700)
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+
+        async def spawn(child: _Child, reconcile: bool) -> None:
+            args = [sys.executable, "-m", "comfy_orchestrator", *_verbosity(), "serve", "--config", str(config_path),
+                    "--process", f"{child.index}/{processes}", "--listen-fd", str(listener.fileno()),
+                    "--bus-dir", str(bus_dir)]
+            if reconcile:
+                args.append("--reconcile")
+            child.proc = await asyncio.create_subprocess_exec(*args, env=env, pass_fds=(listener.fileno(),),
+                                                              stdin=asyncio.subprocess.DEVNULL)
+            child.started = time.monotonic()
+            log.info("process %d/%d started (pid %d)", child.index, processes, child.proc.pid)
+
+        children = [_Child(i) for i in range(processes)]
+        try:
+            await spawn(children[0], True)
+            if not await _wait_ready(children[0], _probe_url(bound), stop):
+                if stop.is_set():
+                    return
+                raise RuntimeError(f"service process 0 exited with code {_code(children[0])} before it was ready")
+            for child in children[1:]:
+                await spawn(child, False)
+            log.info("serving on http://%s:%d with %d processes", bound[0], bound[1], processes)
+            await _supervise(children, spawn, stop, metrics_dir)
+        finally:
+            await _stop_all(children, drain_timeout + _EXIT_GRACE_S)
+
+
+def _verbosity() -> list[str]:
+    """The ``-v`` flags that give a child this process's log level."""
+    level = logging.getLogger().getEffectiveLevel()
+    return ["-vv"] if level <= logging.DEBUG else ["-v"] if level <= logging.INFO else []
+
+
+def _probe_url(bound: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host = bound[0]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{bound[1]}/readyz" if ":" in host else f"http://{host}:{bound[1]}/readyz"
+
+
+def _code(child: _Child) -> int | None:
+    return child.proc.returncode if child.proc is not None else None
+
+
+async def _wait_ready(child: _Child, url: str, stop: asyncio.Event) -> bool:
+    """Until ``child`` (alone on the socket) answers ``/readyz`` with 200: True; False when it exits
+    first or a signal came."""
+    assert child.proc is not None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while child.proc.returncode is None and not stop.is_set():
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return True
+            await asyncio.sleep(0.1)
+    return False
+
+
+async def _supervise(children: list[_Child], spawn: Callable[[_Child, bool], Awaitable[None]], stop: asyncio.Event,
+                     metrics_dir: Path) -> None:
+    """Start a child that exits again (after a backoff) until ``stop`` is set."""
+    from prometheus_client import multiprocess
+
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    waits: dict[asyncio.Future[Any], _Child] = {}
+    try:
+        while not stop.is_set():
+            for child in children:
+                if child.proc is not None and child.proc.returncode is None and child not in waits.values():
+                    waits[asyncio.ensure_future(child.proc.wait())] = child
+            done, _ = await asyncio.wait({stopping, *waits}, return_when=asyncio.FIRST_COMPLETED)
+            for future in done - {stopping}:
+                child = waits.pop(future)
+                assert child.proc is not None
+                pid, code = child.proc.pid, child.proc.returncode
+                with contextlib.suppress(OSError):
+                    multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+                if stop.is_set():
+                    break
+                if time.monotonic() - child.started > _HEALTHY_RESET_S:
+                    child.backoff = _RESTART_MIN_S
+                log.warning("process %d (pid %d) exited with code %s; starting it again in %.0f s",
+                            child.index, pid, code, child.backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stopping), child.backoff)
+                if stop.is_set():
+                    break
+                child.backoff = min(child.backoff * 2, _RESTART_MAX_S)
+                child.restarts += 1
+                await spawn(child, False)
+    finally:
+        stopping.cancel()
+        for future in waits:
+            future.cancel()
+
+
+async def _stop_all(children: list[_Child], timeout: float) -> None:
+    """SIGTERM every child (each drains), wait up to ``timeout``, kill what is left."""
+    live = [c.proc for c in children if c.proc is not None and c.proc.returncode is None]
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    if not live:
+        return
+    _done, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in live], timeout=timeout)
+    for proc in live:
+        if proc.returncode is None:
+            log.warning("process pid %d did not exit within %.0f s of SIGTERM: killed", proc.pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    if pending:
+        await asyncio.gather(*(p.wait() for p in live))
