@@ -15,6 +15,10 @@ trivial graph (EmptyImage 8×8 → SaveImage, a new colour each time so no cache
   difference. Target < 5 ms added at p50.
 * ``rss``: the service's VmRSS after the warm-up and after the measured jobs. Target < 50 MB growth.
 
+Each measurement runs once per ``--processes`` value (``[server] processes``: service processes on one
+port over one store), the first being the baseline the others are compared with (``vs_baseline``);
+a service of several processes has its CPU time and RSS summed over the supervisor and its children.
+
 ``throughput`` also gives the service's CPU time per job and how busy it kept one core (from
 ``/proc/PID/stat``), which tells a CPU-bound service from one waiting on its disk, and the CPU time
 per job of the harness (this driver and the doubles), which shares the machine's cores with the
@@ -22,8 +26,9 @@ service; ``--store-dir /dev/shm`` puts the job store on tmpfs, taking fsync out 
 
 Prints JSON.
 
-    python bench/service_load.py            # the full run: 2000 jobs, 300 latency pairs
-    python bench/service_load.py --quick    # a smoke run: 200 jobs, 50 pairs
+    python bench/service_load.py                  # the full run: 2000 jobs, 300 latency pairs; 1 and 4 processes
+    python bench/service_load.py --processes 1,8  # one process against eight (on a machine with the cores)
+    python bench/service_load.py --quick          # a smoke run: 200 jobs, 50 pairs
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from comfy_orchestrator.pool import EventKind, Pool, PoolEvent
-from comfy_orchestrator.service.keys import POOL, SETTINGS, STORE
+from comfy_orchestrator.service.keys import POOL, STORE
 from comfy_orchestrator.store import JobState, JobStore
 
 __all__ = ["METRICS", "Metrics", "metrics_middleware", "routes"]
@@ -50,7 +50,6 @@ routes = web.RouteTableDef()
 
 _NS = "comfy_orchestrator"
 _ACTIVE = (JobState.QUEUED, JobState.RUNNING)
-_PAGE = 1000
 # A prompt takes from well under a second (a cached graph) to many minutes (video, upscales).
 _ATTEMPT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
@@ -120,20 +119,10 @@ class Metrics:
         """Record a quality score the evaluator gave an image."""
         self.score.observe(score)
 
-    async def refresh(self, store: JobStore, tenants: set[str], pool: Pool) -> None:
-        """Read the gauges' values: active jobs from the store (bounded by each tenant's queue
-        limit), in-flight prompts and health from the pool."""
-        counts = dict.fromkeys(_ACTIVE, 0)
-        for tenant in tenants:
-            cursor: str | None = None
-            while True:
-                page = await store.list_jobs(tenant, states=_ACTIVE, limit=_PAGE, cursor=cursor)
-                for job in page.items:
-                    if job.state in counts:
-                        counts[job.state] += 1
-                cursor = page.next_cursor
-                if cursor is None:
-                    break
+    async def refresh(self, store: JobStore, pool: Pool) -> None:
+        """Read the gauges' values: active jobs from the store (one count per state), in-flight
+        prompts and health from the pool."""
+        counts = await store.count_by_state(_ACTIVE)
         for state, n in counts.items():
             self.jobs.labels(state.value).set(n)
         self.queue_depth.set(counts[JobState.QUEUED])
@@ -186,5 +175,5 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
 async def scrape(request: web.Request) -> web.Response:
     app = request.app
     observed = app[METRICS]
-    await observed.refresh(app[STORE], set(app[SETTINGS].tenant_of().values()), app[POOL])
+    await observed.refresh(app[STORE], app[POOL])
     return web.Response(body=observed.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

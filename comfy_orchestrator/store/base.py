@@ -85,6 +85,10 @@ class JobStore(Protocol):
         """How many of the tenant's jobs are queued or running."""
         ...
 
+    async def count_by_state(self, states: Collection[JobState]) -> dict[JobState, int]:
+        """How many jobs are in each of ``states``, all tenants together (0 for none): for metrics."""
+        ...
+
     async def cancel_job(self, tenant: str, job_id: str) -> bool:
         """Cancel a queued or running job (its open attempt ends ``cancelled``; the worker sees it
         when ``renew_lease`` answers False). False when it had already ended."""

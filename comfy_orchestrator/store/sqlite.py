@@ -168,6 +168,16 @@ class SQLiteJobStore:
         found = await self._db.fetch(ops.COUNT_ACTIVE_SQL, (tenant,))
         return int(found[0][0])
 
+    async def count_by_state(self, states: Collection[JobState]) -> dict[JobState, int]:
+        wanted = [JobState(s) for s in states]
+        counts = dict.fromkeys(wanted, 0)
+        if wanted:
+            marks = ", ".join("?" * len(wanted))
+            for row in await self._db.fetch(f"SELECT state, count(*) FROM jobs WHERE state IN ({marks}) GROUP BY state",
+                                            [s.value for s in wanted]):
+                counts[JobState(row[0])] = int(row[1])
+        return counts
+
     async def cancel_job(self, tenant: str, job_id: str) -> bool:
         return await self._finish(job_id, JobState.CANCELLED, AttemptState.CANCELLED, {}, tenant=tenant)
 

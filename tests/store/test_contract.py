@@ -108,6 +108,17 @@ async def test_queue_bound_per_tenant(store: JobStore) -> None:
 # -- tenants, listing -----------------------------------------------------------------------------
 
 
+async def test_jobs_are_counted_by_state_over_all_tenants(store: JobStore) -> None:
+    ids = [(await store.create_job(tenant, "graph", graph(i)))[0].id for i, tenant in enumerate("aabbc")]
+    await store.claim_next("w1", lease_s=30)
+    await store.claim_next("w2", lease_s=30)
+    assert await store.cancel_job("c", ids[4])
+    counts = await store.count_by_state([JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED])
+    assert counts == {JobState.QUEUED: 2, JobState.RUNNING: 2, JobState.SUCCEEDED: 0}
+    assert await store.count_by_state([JobState.CANCELLED]) == {JobState.CANCELLED: 1}
+    assert await store.count_by_state([]) == {}
+
+
 async def test_tenants_see_only_their_own_jobs(store: JobStore) -> None:
     mine, _ = await store.create_job("acme", "graph", graph())
     theirs, _ = await store.create_job("umbrella", "graph", graph())
