@@ -126,7 +126,7 @@ async def reconcile_running(
     """Settle every running job (see the module docstring). ``clients`` maps backend names, as
     stored in attempts, to clients; followed jobs are leased to ``worker_id`` for ``lease_s``.
     ``lease_expired`` limits it to jobs whose lease ran out (other live workers share the store)."""
-    queues: dict[str, QueueState] = {}
+    queues: dict[str, QueueState | BackendError | ComfyTimeout] = {}
     items = []
     for job, attempt in await store.running_jobs(lease_expired=lease_expired):
         items.append(await reconcile_job(store, job, attempt, clients, resubmit=resubmit, worker_id=worker_id,
@@ -146,10 +146,11 @@ async def reconcile_job(
     resubmit: Resubmit | None = None,
     worker_id: str = "reconciler",
     lease_s: float = 60.0,
-    queues: dict[str, QueueState] | None = None,
+    queues: dict[str, QueueState | BackendError | ComfyTimeout] | None = None,
 ) -> Reconciled:
     """Settle one running job with its latest attempt (also what a worker does with a job it
-    reclaimed after a lease ran out). ``queues`` caches each backend's /queue across calls."""
+    reclaimed after a lease ran out). ``queues`` caches each backend's /queue across calls, or the
+    error it gave: a dead backend is asked once, not once per job it had."""
     resubmit = resubmit or requeue_lost(store)
     if attempt is None or attempt.state not in (AttemptState.RUNNING, AttemptState.SUCCEEDED):
         released = await store.release(job.id, reason="no prompt in flight")
@@ -164,9 +165,14 @@ async def reconcile_job(
     try:
         queue = (queues or {}).get(attempt.backend)
         if queue is None:
-            queue = await client.queue()
+            try:
+                queue = await client.queue()
+            except (BackendError, ComfyTimeout) as exc:
+                queue = exc
             if queues is not None:
                 queues[attempt.backend] = queue
+        if isinstance(queue, BackendError | ComfyTimeout):
+            raise queue
         if attempt.prompt_id in queue:
             taken = await store.take_over(job.id, worker_id, lease_s=lease_s)
             return _done(job, attempt, Outcome.FOLLOW if taken else Outcome.ALREADY_ENDED, "in the backend's queue")

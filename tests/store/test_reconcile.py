@@ -183,6 +183,28 @@ async def test_an_unreachable_backend_counts_as_unknown(
     server.faults.refuse = False
 
 
+async def test_an_unreachable_backend_is_asked_once_not_once_per_job(
+    store: JobStore, server: FakeComfyUI, client: ComfyClient
+) -> None:
+    for _ in range(3):
+        await submitted_job(store, server, wait="none")
+    server.faults.refuse = True
+    asked = 0
+    real_queue = client.queue
+
+    async def queue() -> Any:
+        nonlocal asked
+        asked += 1
+        return await real_queue()
+
+    client.queue = queue  # type: ignore[method-assign]
+    report = await reconcile_running(store, {"gpu-a": client})
+    server.faults.refuse = False
+    assert [item.outcome for item in report.items] == [Outcome.RESUBMITTED] * 3
+    assert all("unreachable" in item.reason for item in report.items)
+    assert asked == 1
+
+
 async def test_a_job_claimed_but_never_submitted_goes_back_to_the_queue(store: JobStore) -> None:
     job, _ = await store.create_job("acme", "graph", invert_graph())
     await store.claim_next("old-worker", lease_s=600)
