@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -121,6 +122,7 @@ async def _serve(app: web.Application, host: str, port: int, *, listen_fd: int |
     the supervising process bound (``host`` and ``port`` are then unused)."""
     runner = web.AppRunner(app, access_log=log, access_log_class=AccessLogger, shutdown_timeout=10.0)
     await runner.setup()
+    orphaned: asyncio.Task[None] | None = None
     try:
         if listen_fd is None:
             await web.TCPSite(runner, host, port).start()
@@ -131,8 +133,22 @@ async def _serve(app: web.Application, host: str, port: int, *, listen_fd: int |
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        orphaned = asyncio.create_task(_until_orphaned(os.getppid(), stop)) if listen_fd is not None else None
         await stop.wait()
         log.info("signal received: draining")
         await drain(app)
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         await runner.cleanup()
+
+
+async def _until_orphaned(parent: int, stop: asyncio.Event) -> None:
+    """A service process of a supervisor that died (SIGKILL) drains and exits instead of holding the
+    port on its own; checked once a second."""
+    while True:  # no event tells a process its parent died (short of prctl)
+        if os.getppid() != parent:
+            break
+        await asyncio.sleep(1.0)
+    log.warning("the supervising process %d is gone: draining", parent)
+    stop.set()

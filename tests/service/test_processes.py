@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -271,3 +272,29 @@ async def test_a_process_that_dies_is_started_again_and_sigterm_stops_them_all(t
             for pid in now.values():
                 with pytest.raises(ProcessLookupError):
                     os.kill(pid, 0)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent (or an init that may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_service_processes_drain_and_exit_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    port = _free_port()
+    async with FakeComfyUI(name="fake-0") as fake, _session() as session:
+        config = _config(tmp_path, port, [fake])
+        async with _supervisor(config, port, session, 2) as (proc, pids):
+            proc.process.send_signal(signal.SIGKILL)
+            await proc.process.wait()
+            async with asyncio.timeout(20):  # noticed within a second, then a drain of up to 5 s
+                while True:
+                    if not any(_alive(pid) for pid in pids.values()):
+                        break
+                    await asyncio.sleep(0.1)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections' TIME_WAIT, not a listener
+            sock.bind(("127.0.0.1", port))  # nobody listens on the port any more
