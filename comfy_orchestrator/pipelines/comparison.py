@@ -9,7 +9,10 @@
     frame = run.to_pandas()
 
 ``<directory>/manifest.json`` holds the spec and one record per cell (job id, backend, model, seed,
-timings, score, output paths, lineage), rewritten after every cell; images go to ``images/``.
+timings, score, output paths, lineage); images go to ``images/``. During a run each finished cell is
+appended to ``manifest.journal.jsonl`` (one JSON line) and the manifest is rewritten only when the run
+starts and ends (rewriting it per cell is quadratic in the grid): after a crash the manifest is still
+whole, and opening the run reads the journal over it, so every recorded cell counts.
 ``ComparisonRun("runs/fox")`` opens an existing run; a spec that adds models, prompts or seeds to
 it keeps what was done and runs the new cells only.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
@@ -42,6 +46,7 @@ from comfy_orchestrator.pipelines.types import Evaluator, PoolLike
 __all__ = ["ComparisonRun"]
 
 _MANIFEST = "manifest.json"
+_JOURNAL = "manifest.journal.jsonl"
 
 
 class ComparisonRun:
@@ -68,6 +73,12 @@ class ComparisonRun:
         return self.directory / _MANIFEST
 
     @property
+    def journal_path(self) -> Path:
+        """The cells recorded since the manifest was last written (there only while a run goes on,
+        or after one died)."""
+        return self.directory / _JOURNAL
+
+    @property
     def cells(self) -> list[CellRecord]:
         """A record per cell of the grid, in order (``missing`` for those not run yet)."""
         return [self.records.get(cell.id) or CellRecord.missing(cell) for cell in self.spec.cells()]
@@ -85,6 +96,8 @@ class ComparisonRun:
         unscored = [c for c in self.spec.cells() if evaluator is not None and (r := self.records.get(c.id))
                     and r.ok and r.score is None]
         disk = cache if isinstance(cache, DiskCache) else DiskCache(cache or self.directory / ".cache")
+        # The spec (maybe extended) and what a crashed run left in the journal, as one manifest.
+        await self._write_manifest()
         ctx = RunContext(pool, self.directory, Emitter(on_event), disk, evaluator, {"comparison": self.spec.name})
         total = len(self.spec.cells())
         bar = tqdm(total=total, initial=total - len(todo), desc=self.spec.name, unit="cell", disable=not progress)
@@ -98,8 +111,7 @@ class ComparisonRun:
                     group.create_task(self._rescore(ctx, cell))
         finally:
             bar.close()
-            if self._writing is not None:  # the last manifest write lands, cancelled or not
-                await asyncio.wait([self._writing])
+            await self._write_manifest()  # cancelled or not: the journal is folded in
             await ctx.emitter.drain()
         return RunStats.from_outcomes(outcomes, time.monotonic() - started)
 
@@ -163,14 +175,49 @@ class ComparisonRun:
             raise PipelineSpecError([f"not a comparison manifest (format {data.get('format')!r})"],
                                     source=str(self.manifest_path))
         self.records = {cid: CellRecord(**entry) for cid, entry in data.get("cells", {}).items()}
+        self.records.update((r.id, r) for r in self._journal())
         return ComparisonSpec.model_validate(data["spec"])
 
+    def _journal(self) -> list[CellRecord]:
+        """The records of the journal, oldest first (a later one of a cell replaces an earlier one)."""
+        try:
+            text = self.journal_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        # Every line is written whole with its newline: a last one without it is a write a crash cut.
+        lines = text.split("\n")[:-1]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(CellRecord(**json.loads(line)))
+            except (ValueError, TypeError) as exc:
+                raise PipelineSpecError([f"line {number} is not a cell record: {exc}"],
+                                        source=str(self.journal_path)) from None
+        return records
+
     async def _store(self, record: CellRecord) -> None:
+        """Record a cell: in memory, and as one line appended to the journal."""
+        line = json.dumps(asdict(record), sort_keys=True, default=str) + "\n"
         async with self._lock:
             self.records[record.id] = record
-            text = json.dumps(self.manifest(), indent=2, sort_keys=True, default=str)
-            self._writing = asyncio.ensure_future(asyncio.to_thread(_write_atomically, self.manifest_path, text))
+            await self._settle()
+            self._writing = asyncio.ensure_future(asyncio.to_thread(_append, self.journal_path, line))
             await asyncio.shield(self._writing)
+
+    async def _write_manifest(self) -> None:
+        """Rewrite the manifest with every record, then drop the journal it now holds."""
+        async with self._lock:
+            await self._settle()
+            text = json.dumps(self.manifest(), indent=2, sort_keys=True, default=str)
+            self._writing = asyncio.ensure_future(
+                asyncio.to_thread(_fold_journal, self.manifest_path, text, self.journal_path))
+            await asyncio.wait([self._writing])  # it lands even if we are cancelled meanwhile
+            self._writing.result()
+
+    async def _settle(self) -> None:
+        """Wait for the write a cancelled ``_store`` left running: one write at a time, in order."""
+        if self._writing is not None and not self._writing.done():
+            await asyncio.wait([self._writing])
 
     def manifest(self) -> dict[str, Any]:
         """The manifest as JSON-ready data: spec and every cell record (grid order first)."""
@@ -222,3 +269,20 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".part")
     partial.write_text(text, encoding="utf-8")
     partial.replace(path)
+
+
+def _fold_journal(path: Path, text: str, journal: Path) -> None:
+    # In this order: a crash between the two leaves a journal that repeats the manifest, harmlessly.
+    _write_atomically(path, text)
+    journal.unlink(missing_ok=True)
+
+
+def _append(path: Path, line: str) -> None:
+    """``line`` at the end of ``path`` (O_APPEND; ``_store`` appends one line at a time)."""
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)

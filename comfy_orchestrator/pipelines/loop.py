@@ -32,7 +32,10 @@ async def run_quality_loop(ctx: RunContext, step: QualityLoopStep, template: Tem
     outcomes = tuple(o for loop in loops for o in loop.outcomes)
     kept = tuple(a for loop in loops for a in loop.best)
     reached = [any(_passes(step, a.score) for a in loop.history) for loop in loops]
-    if not kept:
+    failure = next((loop.failure for loop in loops if loop.failure is not None), None)
+    if failure is not None:  # like a failed score step: the step's on_error and fallbacks decide
+        status, reason = StepStatus.FAILED, failure
+    elif not kept:
         status, reason = StepStatus.FAILED, f"no attempt produced an image ({len(history)} attempts)"
     else:
         status = StepStatus.DONE
@@ -50,6 +53,7 @@ class _Loop:
     history: list[LoopAttempt]
     outcomes: list[JobOutcome]
     best: list[Artifact]
+    failure: str | None = None  # why the loop stopped short of its budget (its evaluator raised)
 
 
 def _passes(step: QualityLoopStep, score: float | None) -> bool:
@@ -84,8 +88,12 @@ async def _one_loop(ctx: RunContext, step: QualityLoopStep, template: Template,
         outcome = await run_job(ctx, job, policy)
         outcomes.append(outcome)
         images: Sequence[Artifact] = ()
+        failure = None
         if outcome.status.ok:
-            images = await score_images(ctx, outcome.artifacts)
+            try:
+                images = await score_images(ctx, outcome.artifacts)
+            except Exception as exc:  # a user's evaluator may raise anything; the step's on_error decides
+                failure = f"scoring failed: {type(exc).__name__}: {exc}"
             scored.extend(images)
         values = [v for a in images if (v := a.metric(step.part)) is not None]
         value = max(values) if values else None
@@ -93,8 +101,10 @@ async def _one_loop(ctx: RunContext, step: QualityLoopStep, template: Template,
             number=number, model=candidate.model, seed=candidate.seed, steps=candidate.steps,
             reason=candidate.reason, status=outcome.status, prompt=b.prompt, score=value,
             artifact=max(images, key=lambda a: a.metric(step.part) or 0.0) if images else None,
-            job_id=outcome.job_id, backend=outcome.backend, error=outcome.error,
+            job_id=outcome.job_id, backend=outcome.backend, error=failure or outcome.error,
         ))
+        if failure is not None:  # the next attempt would meet the same evaluator: stop here
+            return _Loop(history, outcomes, [], failure)
         if _passes(step, value):
             break
     best = sorted(scored, key=lambda a: -(a.metric(step.part) or 0.0))[: step.keep]

@@ -15,10 +15,12 @@ import inspect
 import json
 import logging
 import os
+import random
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import aiohttp
@@ -48,7 +50,7 @@ class ServiceClient:
 
     ``timeout`` bounds connecting and each read of an answer (not a whole download, not the event
     socket). ``reconnects`` is how many times in a row ``events`` tries to reopen a dropped socket
-    before it raises ``ServiceUnreachable``."""
+    (with a jittered exponential backoff) before it raises ``ServiceUnreachable``."""
 
     def __init__(self, base_url: str, token: str, *, timeout: float = 30.0, reconnects: int = 8) -> None:
         self.base_url = base_url.rstrip("/")
@@ -216,35 +218,57 @@ class ServiceClient:
         return b"".join([chunk async for chunk in self.iter_download(job_id, name)])
 
     async def save(self, job_id: str, name: str, path: str | os.PathLike[str]) -> Path:
-        """Stream an output to ``path`` (written beside it, then renamed: never a partial file)."""
-        target = Path(path)
-        partial = target.with_name(target.name + ".part")
+        """Stream an output to ``path`` (written beside it, then renamed: never a partial file). The
+        disk is written from worker threads, one chunk at a time: a slow disk holds up neither the
+        event loop (other downloads, event sockets, heartbeats) nor more than a chunk of memory."""
+        spool = _Spool(Path(path))
         try:
-            with partial.open("wb") as file:
-                async for chunk in self.iter_download(job_id, name):
-                    file.write(chunk)
-            partial.replace(target)
+            async for chunk in self.iter_download(job_id, name):
+                await asyncio.to_thread(spool.write, chunk)
+            await asyncio.to_thread(spool.commit)
         finally:
-            partial.unlink(missing_ok=True)
-        return target
+            # Also when cancelled: the thread still runs, and waits for a write still in flight.
+            await asyncio.to_thread(spool.discard)
+        return spool.target
 
     # -- events -------------------------------------------------------------------------------------
 
     async def events(
-        self, *, after: int = 0, jobs: Iterable[str] | None = None
+        self,
+        *,
+        after: int = 0,
+        jobs: Iterable[str] | None = None,
+        reconnects: int | None = None,
+        backoff: float = 0.1,
+        max_backoff: float = 5.0,
     ) -> AsyncGenerator[ServiceEvent, None]:
         """The tenant's events with ``seq`` above ``after`` (only ``jobs``' if given), replayed then
         followed, forever (break out, or use ``wait``). A dropped socket is reopened from the last
-        ``seq`` seen; ``ServiceUnreachable`` after ``reconnects`` failed tries in a row."""
+        ``seq`` seen.
+
+        Between tries it waits a jittered exponential backoff: a random time between half and all
+        of ``backoff`` seconds doubled per failed try in a row, at most ``max_backoff``. A try
+        fails when the socket cannot be opened, or opens and closes without a new event (a server
+        that accepts and hangs up at once); one that delivers an event resets the count. After
+        ``reconnects`` failed reconnects in a row (default: the client's, 8), ``ServiceUnreachable``.
+        With the defaults that is about 8 to 16 s of a service that is down or hangs up."""
+        reconnects = self._reconnects if reconnects is None else reconnects
+        if reconnects < 0:
+            raise ValueError(f"reconnects must be 0 or more, not {reconnects}")
+        if not backoff > 0:
+            raise ValueError(f"backoff must be above 0 s, not {backoff}")
+        if not max_backoff >= backoff:
+            raise ValueError(f"max_backoff ({max_backoff} s) must be at least backoff ({backoff} s)")
         last = after
         job_ids = list(jobs or ())
-        failures = 0
+        failures = 0  # tries in a row that delivered no new event
         while True:
             params = [("after", str(last))] + [("job", j) for j in job_ids]
+            delivered = False
+            problem = "closed without an event"
             try:
                 async with self.session.ws_connect(self._url("events"), params=params,
                                                    heartbeat=max(self._timeout, 1.0)) as ws:
-                    failures = 0
                     async for msg in ws:
                         if msg.type is not aiohttp.WSMsgType.TEXT:
                             break  # an error frame: reconnect
@@ -252,6 +276,7 @@ class ServiceClient:
                         if event.seq <= last:
                             continue
                         last = event.seq
+                        delivered = True
                         yield event
                 log.info("event socket of %s closed after seq %d; reconnecting", self.base_url, last)
             except aiohttp.WSServerHandshakeError as exc:
@@ -259,14 +284,18 @@ class ServiceClient:
                     raise error_from_response(exc.status, {"error": {
                         "type": _HANDSHAKE_ERRORS.get(exc.status, "HTTPError"),
                         "message": f"the event socket was refused: {exc.message}"}}) from None
-                failures += 1
+                problem = f"refused with {exc.status}"
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                failures += 1
-                log.info("event socket of %s: %s (try %d)", self.base_url, exc or type(exc).__name__, failures)
-            if failures > self._reconnects:
-                raise ServiceUnreachable(f"the event socket of {self.base_url} could not be reopened "
-                                         f"({failures} tries)")
-            await asyncio.sleep(min(0.05 * 2 ** failures, 2.0))
+                problem = str(exc) or type(exc).__name__
+                log.info("event socket of %s: %s (try %d)", self.base_url, problem, failures + 1)
+            failures = 0 if delivered else failures + 1
+            if failures > reconnects:
+                raise ServiceUnreachable(
+                    f"the event socket of {self.base_url} failed {failures} times in a row without an event "
+                    f"(last: {problem}); gave up after {reconnects} reconnects")
+            # Jittered, so that the clients of a restarted service do not all come back at once.
+            delay = min(max_backoff, backoff * 2 ** min(max(failures - 1, 0), 30))
+            await asyncio.sleep(random.uniform(delay / 2, delay))
 
     async def wait(self, job_id: str, *, on_event: EventCallback | None = None) -> JobInfo:
         """Follow the job's events (from its first, through ``on_event``, which may be async) until it
@@ -291,3 +320,41 @@ async def _error_of(resp: aiohttp.ClientResponse) -> ServiceError:
     except (ValueError, aiohttp.ClientError):
         body = None
     return error_from_response(resp.status, body, resp.headers.get("Retry-After"))
+
+
+class _Spool:
+    """``target``, written as ``target.part`` from worker threads and renamed when complete.
+
+    Each method runs in a thread; a lock keeps ``discard`` from closing the file under a ``write``
+    whose task was cancelled while its thread ran on, and no write opens the file once discarded."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.partial = target.with_name(target.name + ".part")
+        self._file: BinaryIO | None = None
+        self._ended = False
+        self._lock = threading.Lock()
+
+    def _open(self) -> BinaryIO:
+        if self._ended:
+            raise ClientClosed(f"the download to {self.target} was abandoned")
+        if self._file is None:
+            self._file = self.partial.open("wb")
+        return self._file
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            self._open().write(chunk)
+
+    def commit(self) -> None:
+        with self._lock:
+            self._open().close()  # opened here when the output is empty: it is still a file
+            self.partial.replace(self.target)
+            self._ended = True
+
+    def discard(self) -> None:
+        with self._lock:
+            self._ended = True
+            if self._file is not None:
+                self._file.close()
+            self.partial.unlink(missing_ok=True)

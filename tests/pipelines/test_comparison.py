@@ -18,6 +18,7 @@ from comfy_orchestrator.pipelines import (
     EventKind,
     PipelineEvent,
     PipelineSpecError,
+    comparison,
 )
 from comfy_orchestrator.testing import sampler_succeeds
 from tests.pipelines.conftest import DREAM, SD15, SMALL, Cluster, StartCluster, broken_node
@@ -206,3 +207,68 @@ async def test_cells_run_without_an_evaluator_are_scored_later_with_no_gpu_work(
     assert judge.images == 3
     assert [r.score for r in run.cells] == [
         1.0 if sampler_succeeds(seed, SD15, 10) else 0.0 for seed in (1, 2, 3)]
+
+
+async def test_the_manifest_is_not_rewritten_per_cell(
+    cluster: Cluster, templates: dict[str, Template], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rewrites: list[Path] = []
+    write = comparison._write_atomically
+
+    def counted(path: Path, text: str) -> None:
+        rewrites.append(path)
+        write(path, text)
+
+    monkeypatch.setattr(comparison, "_write_atomically", counted)
+    run = ComparisonRun(tmp_path / "cmp", grid(), templates=templates)
+    await run.run(cluster.pool, progress=False)
+    # a whole rewrite per finished cell is quadratic in the grid: a run writes it a fixed number of times
+    assert len(rewrites) <= 2
+    assert len(json.loads(run.manifest_path.read_text())["cells"]) == 12
+    assert not run.journal_path.exists()  # folded into the manifest at the end of the run
+
+
+async def test_a_run_that_dies_before_its_last_manifest_write_loses_no_finished_cell(
+    cluster: Cluster, templates: dict[str, Template], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = comparison._write_atomically
+    writes = 0
+
+    class Died(Exception):
+        """The process ends here: nothing after it runs."""
+
+    def dies_after_the_first(path: Path, text: str) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 1:
+            raise Died
+        write(path, text)
+
+    monkeypatch.setattr(comparison, "_write_atomically", dies_after_the_first)
+    run = ComparisonRun(tmp_path / "cmp", grid(), templates=templates)
+    with pytest.raises(Died):
+        await run.run(cluster.pool, progress=False)
+    assert all(r.ok for r in run.cells)
+    monkeypatch.undo()
+    json.loads(run.manifest_path.read_text())  # still whole, valid JSON
+    with run.journal_path.open("a", encoding="utf-8") as journal:
+        journal.write('{"id": "0123456789abcdef", "mod')  # and a line torn by the crash
+
+    reopened = ComparisonRun(tmp_path / "cmp", templates=templates)
+    assert {r.id for r in reopened.cells if r.ok} == {r.id for r in run.cells} == set(reopened.records)
+    before = cluster.prompts_run()
+    stats = await reopened.run(cluster.pool, progress=False)
+    assert (stats.total, cluster.prompts_run()) == (0, before)
+    assert len(json.loads(reopened.manifest_path.read_text())["cells"]) == 12
+    assert not reopened.journal_path.exists()
+
+
+def test_a_journal_line_that_is_not_the_torn_last_one_is_reported(
+    templates: dict[str, Template], tmp_path: Path
+) -> None:
+    run = ComparisonRun(tmp_path / "cmp", grid(), templates=templates)
+    run.manifest_path.parent.mkdir(parents=True)
+    run.manifest_path.write_text(json.dumps(run.manifest()))
+    run.journal_path.write_text("not json\n{}\n")
+    with pytest.raises(PipelineSpecError, match="line 1"):
+        ComparisonRun(tmp_path / "cmp", templates=templates)
