@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 def serve(config_path: Path, host: str | None, port: int | None, process: str | None, listen_fd: int | None,
           bus_dir: Path | None, reconcile: bool) -> None:
     """Serve the job API (HTTP + WebSocket) over the configured backends."""
+    parent = os.getppid() if process is not None else None  # read first: the supervisor may die during start-up
     try:
         settings = ServiceSettings.load(config_path)
     except SettingsError as exc:
@@ -79,7 +80,7 @@ def serve(config_path: Path, host: str | None, port: int | None, process: str | 
         settings = _with_local_default(settings, config_path)
     app = create_app(settings, role=role)
     try:
-        asyncio.run(_serve(app, host, port, listen_fd=listen_fd))
+        asyncio.run(_serve(app, host, port, listen_fd=listen_fd, parent=parent))
     except ManagedBackendError as exc:  # not one managed ComfyUI started (their logs say why)
         raise click.ClickException(str(exc)) from None
 
@@ -116,25 +117,33 @@ def _with_local_default(settings: ServiceSettings, config_path: Path) -> Service
     return settings.model_copy(update={"managed": managed})
 
 
-async def _serve(app: web.Application, host: str, port: int, *, listen_fd: int | None = None) -> None:
+async def _serve(app: web.Application, host: str, port: int, *, listen_fd: int | None = None,
+                 parent: int | None = None) -> None:
     """Listen until SIGINT/SIGTERM, drain while still listening (so ``/readyz`` answers 503 and
     in-flight requests are answered), then stop listening and shut down. ``listen_fd``: a socket
-    the supervising process bound (``host`` and ``port`` are then unused)."""
+    the supervising process ``parent`` bound (``host`` and ``port`` are then unused); when that
+    process is gone, this one drains as on a signal. A signal during start-up (which reconciles,
+    and may take a while) drains as soon as start-up is done, without listening."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    orphaned = asyncio.create_task(_until_orphaned(parent, stop)) if parent is not None else None
     runner = web.AppRunner(app, access_log=log, access_log_class=AccessLogger, shutdown_timeout=10.0)
-    await runner.setup()
-    orphaned: asyncio.Task[None] | None = None
     try:
-        if listen_fd is None:
-            await web.TCPSite(runner, host, port).start()
-            log.info("serving on http://%s:%d", host, port)
-        else:
-            await web.SockSite(runner, socket.socket(fileno=listen_fd)).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        orphaned = asyncio.create_task(_until_orphaned(os.getppid(), stop)) if listen_fd is not None else None
-        await stop.wait()
+        await runner.setup()
+    except BaseException:
+        if orphaned is not None:
+            orphaned.cancel()
+        raise
+    try:
+        if not stop.is_set():
+            if listen_fd is None:
+                await web.TCPSite(runner, host, port).start()
+                log.info("serving on http://%s:%d", host, port)
+            else:
+                await web.SockSite(runner, socket.socket(fileno=listen_fd)).start()
+            await stop.wait()
         log.info("signal received: draining")
         await drain(app)
     finally:

@@ -165,7 +165,12 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
         await app[MANAGED].start()  # when a start is cut short. Local ComfyUIs join the pool as each answers
         instance = uuid.uuid4().hex[:8]
         templates = app[TEMPLATES]
-        n_workers = settings.server.workers if role is None else role.share(settings.server.workers)
+        n_workers = settings.server.workers
+        if role is not None:
+            # No more workers than this process has slots: a job claimed here while only a sibling
+            # has a free slot would wait here for one.
+            slots = sum(status.max_in_flight for status in pool.backends())
+            n_workers = min(role.share(n_workers), max(1, slots))
         stack.push_async_callback(app[PIPELINES].evaluators.close)
         workers = [
             Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-{n}",
@@ -187,6 +192,8 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
             lifecycle.drain()
             app[NOTIFIER].notify(relay=False)
             await _stop_workers(tasks, settings.server.drain_timeout)
+            if peers is not None:
+                peers.close()  # no sibling's cancel starts work on a pool about to close
             await lifecycle.settle_spawned()
 
 

@@ -33,6 +33,7 @@ from typing import Any, Self
 from comfy_orchestrator.local import LocalComfyUI, LocalComfyUIConfig, LocalComfyUIError, find_comfyui_dir
 from comfy_orchestrator.pool import BackendConfig, Pool
 from comfy_orchestrator.service.backends import BackendClients
+from comfy_orchestrator.service.restarts import RestartBackoff
 from comfy_orchestrator.service.settings import ManagedSettings
 
 __all__ = [
@@ -287,8 +288,12 @@ class Supervisor:
     def _delay(self, failures: int) -> float:
         settings = self.settings
         assert settings is not None
-        base = min(settings.restart_backoff_max, settings.restart_backoff_min * 2.0 ** min(max(0, failures - 1), 60))
-        return min(settings.restart_backoff_max, base * self._rng.uniform(1 - _JITTER, 1 + _JITTER))
+        return self._backoff(settings).delay(failures, self._rng)
+
+    @staticmethod
+    def _backoff(settings: ManagedSettings) -> RestartBackoff:
+        return RestartBackoff(settings.restart_backoff_min, settings.restart_backoff_max, settings.healthy_reset_s,
+                              jitter=_JITTER)
 
     async def _supervise(self, managed: _Managed) -> None:
         """Wait for the process to exit, restart it after a backoff; for ever (until cancelled)."""
@@ -301,7 +306,7 @@ class Supervisor:
                 up_since, pid = time.monotonic(), process.pid
                 await process.wait()
                 uptime = time.monotonic() - up_since
-                failures = 1 if uptime >= settings.healthy_reset_s else failures + 1
+                failures = self._backoff(settings).failures_after(failures, uptime)
                 managed.last_exit = process.returncode
                 managed.state = ManagedState.BACKOFF
                 delay = self._delay(failures)

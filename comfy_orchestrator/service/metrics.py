@@ -127,8 +127,9 @@ class Metrics:
             self.jobs.labels(state.value).set(n)
         self.queue_depth.set(counts[JobState.QUEUED])
         for status in pool.backends():
-            if not self.multiprocess:
-                self.in_flight.labels(status.name).set(status.in_flight)
+            # many processes: each its own attempts, summed (every backend has a series from the first scrape)
+            self.in_flight.labels(status.name).set(self._running[status.name] if self.multiprocess
+                                                   else status.in_flight)
             self.healthy.labels(status.name).set(1 if status.healthy else 0)
 
     def exposition(self) -> bytes:

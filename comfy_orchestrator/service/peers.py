@@ -7,9 +7,11 @@ datagram each, what they would otherwise find only at their next poll of the sto
     ``q``          a job was queued and no worker here was idle to take it: wake one over there
     ``c JOB_ID``   a tenant cancelled this job: whichever process runs it interrupts its prompt
 
-The store stays the only source of truth; a datagram lost (a sibling restarting, a full socket
-buffer) costs only the poll interval. ``e`` and ``q`` are coalesced: however many come in one turn
-of the event loop, each sibling gets at most one datagram.
+The store stays the only source of truth; a wake-up lost (a sibling restarting) costs only the
+poll interval. ``e`` and ``q`` are coalesced: however many come in one turn of the event loop, each
+sibling gets at most one datagram, and one that finds the sibling's queue full (Linux keeps only
+``net.unix.max_dgram_qlen`` datagrams, often 10) is dropped, since the sibling has wake-ups
+waiting already. A cancel that finds it full is sent again shortly, for up to ``_CANCEL_RETRY_S``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = ["PeerBus"]
@@ -27,6 +29,8 @@ __all__ = ["PeerBus"]
 log = logging.getLogger(__name__)
 
 _MAX_DATAGRAM = 512
+_CANCEL_RETRY_S = 5.0  # a cancel's prompt is otherwise interrupted only when the job's lease is next renewed
+_CANCEL_RETRY_EVERY_S = 0.02
 
 
 class PeerBus:
@@ -76,20 +80,36 @@ class PeerBus:
             self._loop.call_soon(self._flush)
 
     def send_now(self, kind: str, argument: str = "") -> None:
-        """Send ``kind argument`` to every sibling now (a cancel)."""
-        self._send(f"{kind} {argument}".encode() if argument else kind.encode())
+        """Send ``kind argument`` to every sibling now (a cancel); retried for a sibling whose queue is full."""
+        payload = f"{kind} {argument}".encode() if argument else kind.encode()
+        full = self._send(payload, range(self.count))
+        if full and self._loop is not None:
+            deadline = self._loop.time() + _CANCEL_RETRY_S
+            self._loop.call_later(_CANCEL_RETRY_EVERY_S, self._resend, payload, full, deadline)
+
+    def _resend(self, payload: bytes, indices: list[int], deadline: float) -> None:
+        full = self._send(payload, indices)
+        if not full or self._loop is None:
+            return
+        if self._loop.time() < deadline:
+            self._loop.call_later(_CANCEL_RETRY_EVERY_S, self._resend, payload, full, deadline)
+        else:
+            log.warning("processes %s did not take %r for %.0f s; they see it when the job's lease is next renewed",
+                        full, payload[:80], _CANCEL_RETRY_S)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, set()
         for kind in sorted(pending):
-            self._send(kind.encode())
+            self._send(kind.encode(), range(self.count))  # a full queue holds wake-ups already
 
-    def _send(self, payload: bytes) -> None:
+    def _send(self, payload: bytes, indices: Iterable[int]) -> list[int]:
+        """``payload`` to each sibling in ``indices``; those whose queue was full."""
         sock = self._sock
+        full: list[int] = []
         if sock is None:
-            return
-        for index in range(self.count):
+            return full
+        for index in indices:
             if index == self.index:
                 continue
             try:
@@ -98,7 +118,8 @@ class PeerBus:
             except (FileNotFoundError, ConnectionRefusedError):
                 pass  # that sibling is not up (yet, or any more): it reads the store when it is
             except BlockingIOError:
-                log.debug("peer %d: socket buffer full; it will see the store at its next poll", index)
+                full.append(index)
+        return full
 
     def _readable(self) -> None:
         sock = self._sock

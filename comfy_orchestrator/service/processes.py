@@ -14,7 +14,7 @@ One event loop answers a few hundred jobs a second; past that the service needs 
   the store stays the only shared state, and its writers take turns on a file lock;
 * Prometheus metrics are kept in ``PROMETHEUS_MULTIPROC_DIR`` and summed over the children, so any
   of them answers ``/metrics`` for all;
-* a child that dies is started again (backoff from 1 s to 30 s); its jobs are taken over by the
+* a child that dies is started again (jittered backoff from 1 s to 30 s); its jobs are taken over by the
   others once their leases run out. SIGTERM or SIGINT drains every child (``/readyz`` 503, running
   jobs finished or handed back) and waits for them.
 """
@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -33,17 +34,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
+
+from comfy_orchestrator.service.restarts import RestartBackoff
 
 __all__ = ["ProcessRole", "run_processes"]
 
 log = logging.getLogger(__name__)
 
-_RESTART_MIN_S = 1.0
-_RESTART_MAX_S = 30.0
-_HEALTHY_RESET_S = 60.0  # up this long: the next crash restarts after the minimum again
+_RESTARTS = RestartBackoff(minimum=1.0, maximum=30.0, healthy_reset=60.0)
 _EXIT_GRACE_S = 20.0  # beyond drain_timeout, before a child that ignores SIGTERM is killed
 
 
@@ -85,14 +85,14 @@ class _Child:
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self.restarts = 0
-        self.backoff = _RESTART_MIN_S
 
 
 async def run_processes(config_path: Path, host: str, port: int, *, processes: int, drain_timeout: float) -> None:
     """Bind ``host:port``, run ``processes`` children of ``comfy-orch serve --config config_path``
     on it until SIGINT/SIGTERM, then drain them. Raises RuntimeError when process 0 exits before
     it is ready (its own log says why)."""
-    listener = socket.create_server((host, port), backlog=2048)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=2048, dualstack_ipv6=host == "::")
     listener.set_inheritable(True)
     bound = listener.getsockname()
     stop = asyncio.Event()
@@ -127,7 +127,14 @@ async def run_processes(config_path: Path, host: str, port: int, *, processes: i
             for child in children[1:]:
                 await spawn(child, False)
             log.info("serving on http://%s:%d with %d processes", bound[0], bound[1], processes)
-            await _supervise(children, spawn, stop, metrics_dir)
+            rng = random.Random()
+            keepers = [asyncio.create_task(_keep_running(c, spawn, stop, metrics_dir, rng)) for c in children]
+            try:
+                await stop.wait()
+            finally:
+                for keeper in keepers:
+                    keeper.cancel()
+                await asyncio.gather(*keepers, return_exceptions=True)
         finally:
             await _stop_all(children, drain_timeout + _EXIT_GRACE_S)
 
@@ -165,42 +172,38 @@ async def _wait_ready(child: _Child, url: str, stop: asyncio.Event) -> bool:
     return False
 
 
-async def _supervise(children: list[_Child], spawn: Callable[[_Child, bool], Awaitable[None]], stop: asyncio.Event,
-                     metrics_dir: Path) -> None:
-    """Start a child that exits again (after a backoff) until ``stop`` is set."""
+async def _keep_running(child: _Child, spawn: Callable[[_Child, bool], Awaitable[None]], stop: asyncio.Event,
+                        metrics_dir: Path, rng: random.Random) -> None:
+    """Start ``child`` again each time it exits, after a backoff, until ``stop`` is set (one task
+    per child: one child's backoff never holds up another's restart)."""
     from prometheus_client import multiprocess
 
-    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-    waits: dict[asyncio.Future[Any], _Child] = {}
-    try:
-        while not stop.is_set():
-            for child in children:
-                if child.proc is not None and child.proc.returncode is None and child not in waits.values():
-                    waits[asyncio.ensure_future(child.proc.wait())] = child
-            done, _ = await asyncio.wait({stopping, *waits}, return_when=asyncio.FIRST_COMPLETED)
-            for future in done - {stopping}:
-                child = waits.pop(future)
-                assert child.proc is not None
-                pid, code = child.proc.pid, child.proc.returncode
-                with contextlib.suppress(OSError):
-                    multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
-                if stop.is_set():
-                    break
-                if time.monotonic() - child.started > _HEALTHY_RESET_S:
-                    child.backoff = _RESTART_MIN_S
-                log.warning("process %d (pid %d) exited with code %s; starting it again in %.0f s",
-                            child.index, pid, code, child.backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(stopping), child.backoff)
-                if stop.is_set():
-                    break
-                child.backoff = min(child.backoff * 2, _RESTART_MAX_S)
-                child.restarts += 1
-                await spawn(child, False)
-    finally:
-        stopping.cancel()
-        for future in waits:
-            future.cancel()
+    failures = 0
+    while not stop.is_set():
+        proc = child.proc
+        if proc is not None:
+            pid = proc.pid
+            code = await proc.wait()
+            with contextlib.suppress(OSError):
+                multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+            if stop.is_set():
+                return
+            failures = _RESTARTS.failures_after(failures, time.monotonic() - child.started)
+        else:
+            failures += 1  # the last start failed before a process existed
+        delay = _RESTARTS.delay(failures, rng)
+        log.warning("process %d (pid %s) exited with code %s; starting it again in %.1f s", child.index,
+                    pid if proc is not None else "-", code if proc is not None else "-", delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return
+        child.restarts += 1
+        try:
+            await spawn(child, False)
+        except OSError as exc:
+            log.error("process %d could not be started: %s", child.index, exc)
+            child.proc = None
 
 
 async def _stop_all(children: list[_Child], timeout: float) -> None:

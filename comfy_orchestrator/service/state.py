@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
+import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from comfy_orchestrator.service.processes import ProcessRole
 
 __all__ = ["Lifecycle", "Phase"]
+
+log = logging.getLogger(__name__)
 
 
 class Phase(enum.StrEnum):
@@ -35,12 +37,16 @@ class Lifecycle:
         """Run ``coro`` in the background, held until it ends (and awaited at shutdown)."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._spawned.add(task)
-        task.add_done_callback(self._spawned.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._spawned.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s failed: %r", task.get_name(), exc, exc_info=exc)
 
     async def settle_spawned(self) -> None:
-        for task in list(self._spawned):
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task
+        """Wait for the background tasks still running (their errors are logged as they end)."""
+        await asyncio.gather(*self._spawned, return_exceptions=True)
 
     def drain(self) -> None:
         self.phase = Phase.DRAINING

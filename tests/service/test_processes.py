@@ -98,6 +98,44 @@ async def test_the_bus_ignores_a_sibling_that_is_not_up(tmp_path: Path) -> None:
         bus.close()
 
 
+def _fill(sender: socket.socket, path: str) -> None:
+    """Send wake-ups to ``path`` until its queue is full."""
+    for _ in range(100_000):
+        try:
+            sender.sendto(b"e", path)
+        except BlockingIOError:
+            return
+    raise AssertionError(f"{path} never filled up")
+
+
+async def test_a_cancel_is_sent_again_until_a_full_queue_has_room(tmp_path: Path) -> None:
+    sibling = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # process 1, too busy to read for a while
+    sibling.bind(str(tmp_path / "1.sock"))
+    sibling.setblocking(False)
+    bus = PeerBus(tmp_path, 0, 2, lambda kind, arg: None)
+    await bus.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as flood:
+            flood.setblocking(False)
+            _fill(flood, str(tmp_path / "1.sock"))
+        bus.send_now("c", "job-9 graph")
+        bus.publish("e")  # dropped: the queue holds wake-ups already
+        await asyncio.sleep(0.1)
+        got: list[bytes] = []
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    got.append(sibling.recv(512))
+                except BlockingIOError:
+                    if b"c job-9 graph" in got:
+                        break
+                    await asyncio.sleep(0.01)
+        assert got.count(b"c job-9 graph") == 1
+    finally:
+        bus.close()
+        sibling.close()
+
+
 async def test_a_queued_job_goes_to_a_sibling_only_when_no_worker_here_is_idle() -> None:
     notifier = Notifier()
     relayed: list[str] = []
@@ -235,6 +273,31 @@ async def test_a_cancel_that_reaches_the_other_process_interrupts_the_prompt_wit
             assert await _terminate(proc, timeout=30) == 0, proc.output()
         assert fake.history[prompt_id]["status"]["status_str"] != "success"
         assert _attempts(tmp_path / "jobs.db", job_id) == [("gpu-0", prompt_id, "cancelled")]
+
+
+async def test_jobs_posted_to_one_process_use_the_slots_of_the_others(tmp_path: Path) -> None:
+    """Two slots on one backend, one per process: two jobs posted on one connection (one process)
+    are both on the backend at once, the second claimed by the other process."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    async with FakeComfyUI(name="fake-0", node_delay=1.0) as fake, _session() as session:
+        config = _config(tmp_path, port, [fake], workers=4)
+        config.write_text(config.read_text().replace('url = "', 'max_in_flight = 2\nurl = "', 1))
+        async with _supervisor(config, port, session, 2) as (proc, _pids), \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one:
+            ids = []
+            for n in range(2):
+                async with one.post(f"{base}/v1/jobs", json={"graph": _small_graph(0x300 + n)},
+                                    headers=auth()) as resp:
+                    assert resp.status == 202, await resp.text()
+                    ids.append((await resp.json())["id"])
+            async with asyncio.timeout(4):  # a job takes 5 s: the second is not waiting for the first
+                while True:
+                    if fake.queue_remaining == 2:
+                        break
+                    await asyncio.sleep(0.02)
+            await _wait_all(session, base, ids, "succeeded", timeout=30)
+            assert await _terminate(proc, timeout=30) == 0, proc.output()
 
 
 async def _connection_to_a_process_not_running_it(base: str) -> aiohttp.ClientSession:
