@@ -16,21 +16,16 @@ import importlib.util
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-import aiohttp
-
+from comfy_orchestrator._child import ChildProcess, free_port, log_tail
 from comfy_orchestrator.errors import ComfyOrchestratorError
 
 __all__ = ["LocalComfyUI", "LocalComfyUIConfig", "LocalComfyUIError", "find_comfyui_dir"]
@@ -116,13 +111,11 @@ class LocalComfyUI:
 
     def __init__(self, config: LocalComfyUIConfig | None = None) -> None:
         self.config = config or LocalComfyUIConfig()
-        self._proc: asyncio.subprocess.Process | None = None
+        self._child = ChildProcess("local ComfyUI")  # killed at exit or when this is collected, if still running
         self._port: int | None = self.config.port
         self._base_dir: Path | None = Path(self.config.base_dir) if self.config.base_dir else None
         self._owned_dir: Path | None = None
         self._comfy_dir: Path | None = None
-        # SIGKILLs the process at interpreter exit, or when this object is collected, if nobody stopped it.
-        self._reaper: weakref.finalize[[int], LocalComfyUI] | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -144,16 +137,16 @@ class LocalComfyUI:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid
 
     @property
     def returncode(self) -> int | None:
         """The exit status of the last process, None while it runs or before the first start."""
-        return self._proc.returncode if self._proc is not None else None
+        return self._child.returncode
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._child.running
 
     @property
     def base_dir(self) -> Path | None:
@@ -170,13 +163,7 @@ class LocalComfyUI:
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the log, or '' when there is none."""
-        path = self.log_path
-        if path is None or not path.is_file():
-            return ""
-        with path.open("rb") as fh:
-            fh.seek(max(0, path.stat().st_size - 64 * 1024))
-            text = fh.read().decode("utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -191,7 +178,7 @@ class LocalComfyUI:
         if self._comfy_dir is None:
             self._comfy_dir = find_comfyui_dir(self.config.comfy_dir)
         if self._port is None:
-            self._port = _free_port(self.config.host)
+            self._port = free_port(self.config.host)
         elif await self._answers():
             raise LocalComfyUIError(f"port {self._port} is already in use: something answers at {self.url}")
         if self._base_dir is None:
@@ -214,7 +201,7 @@ class LocalComfyUI:
 
     async def wait(self) -> int | None:
         """Until the current process exits; its exit status (None when none was started)."""
-        return await self._proc.wait() if self._proc is not None else None
+        return await self._child.wait()
 
     async def kill(self) -> None:
         """SIGKILL now and reap it (a crash, for failover tests). The base dir stays for restart()."""
@@ -273,51 +260,15 @@ class LocalComfyUI:
         cmd = self._command(comfy_dir, base_dir, port)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.config.env}
         began = time.monotonic()
-        log_fd = _open_log(base_dir / LOG_FILE_NAME, cmd)
+        pid = await self._child.launch(cmd, log_path=base_dir / LOG_FILE_NAME, env=env, cwd=comfy_dir)
+        logger.info("local ComfyUI pid %d starting at %s (log %s)", pid, self.url, self.log_path)
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                cwd=comfy_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                # Its own session: a Ctrl-C meant for the owner does not reach it; the owner stops it.
-                start_new_session=True,
-            )
-        finally:
-            os.close(log_fd)
-        proc = self._proc
-        self._reaper = weakref.finalize(self, _kill_at_exit, proc.pid)
-        logger.info("local ComfyUI pid %d starting at %s (log %s)", proc.pid, self.url, self.log_path)
-        try:
-            await self._wait_ready(proc, began + self.config.startup_timeout)
+            await self._child.wait_ready(f"{self.url}/system_stats", deadline=began + self.config.startup_timeout,
+                                         error=LocalComfyUIError)
         except BaseException:
             await self._terminate(0.0)
             raise
-        logger.info("local ComfyUI pid %d ready at %s after %.1f s", proc.pid, self.url, time.monotonic() - began)
-
-    async def _wait_ready(self, proc: asyncio.subprocess.Process, deadline: float) -> None:
-        timeout = aiohttp.ClientTimeout(total=5.0)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                if proc.returncode is not None:
-                    raise LocalComfyUIError(
-                        f"ComfyUI (pid {proc.pid}) exited with code {proc.returncode} during start-up; "
-                        f"last lines of {self.log_path}:\n{self.log_tail()}"
-                    )
-                try:
-                    async with session.get(f"{self.url}/system_stats") as resp:
-                        if resp.status == 200:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    raise LocalComfyUIError(
-                        f"ComfyUI (pid {proc.pid}) did not answer at {self.url} within "
-                        f"{self.config.startup_timeout:.0f} s; last lines of {self.log_path}:\n{self.log_tail()}"
-                    )
-                await asyncio.sleep(0.2)
+        logger.info("local ComfyUI pid %d ready at %s after %.1f s", pid, self.url, time.monotonic() - began)
 
     async def _answers(self) -> bool:
         host, port = self.url.removeprefix("http://").rsplit(":", 1)
@@ -330,54 +281,13 @@ class LocalComfyUI:
         return True
 
     async def _terminate(self, grace: float) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            self._detach_reaper()
-            return
-        if grace > 0:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-            except TimeoutError:
-                logger.warning("local ComfyUI pid %d ignored SIGTERM for %.0f s; killing it", proc.pid, grace)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        self._detach_reaper()
-        logger.info("local ComfyUI pid %d at %s exited with %s", proc.pid, self.url, proc.returncode)
-
-    def _detach_reaper(self) -> None:
-        if self._reaper is not None:
-            self._reaper.detach()
-            self._reaper = None
-
-
-def _kill_at_exit(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return  # already gone
-    logger.warning("killed the local ComfyUI pid %d left running at exit", pid)
+        await self._child.terminate(grace)
 
 
 def _make_layout(base_dir: Path) -> None:
     # input/, output/, temp/ and user/ follow from --base-directory; ComfyUI creates those itself.
     for sub in ("custom_nodes", "models"):
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
-
-
-def _open_log(path: Path, cmd: list[str]) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.write(fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
-    return fd
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _remove_tree(path: Path) -> None:

@@ -26,12 +26,8 @@ import logging
 import os
 import re
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +35,7 @@ from typing import TYPE_CHECKING, Self
 
 import aiohttp
 
+from comfy_orchestrator._child import ChildProcess, free_port, log_tail
 from comfy_orchestrator.errors import ComfyOrchestratorError
 from comfy_orchestrator.local import LocalComfyUI, LocalComfyUIConfig
 from comfy_orchestrator.pool import BackendConfig
@@ -199,8 +196,7 @@ class ServiceProcess:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.python = python
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reaper: weakref.finalize[[int], ServiceProcess] | None = None
+        self._child = ChildProcess("service")  # killed at exit or when this is collected, if still running
 
     @property
     def url(self) -> str:
@@ -218,20 +214,18 @@ class ServiceProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc is not None else None
+        return self._child.returncode
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._child.running
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        if not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def settings_toml(self) -> str:
         """The settings file :meth:`start` writes (``[server]``, ``[store]``, ``[[backends]]``, ``[[tokens]]``)."""
@@ -250,61 +244,23 @@ class ServiceProcess:
         if self.running:
             raise ServiceProcessError(f"the service at {self.url} is already running (pid {self.pid})")
         if self.port is None:
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.settings_toml(), encoding="utf-8")
         cmd = [self.python, "-m", "comfy_orchestrator", "serve", "--config", str(self.config_path)]
-        with self.log_path.open("ab") as log:
-            self._proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-        self._reaper = weakref.finalize(self, _kill_at_exit, self._proc.pid)
-        logger.info("service pid %d starting at %s (log %s)", self._proc.pid, self.url, self.log_path)
+        began = time.monotonic()
+        pid = await self._child.launch(cmd, log_path=self.log_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        logger.info("service pid %d starting at %s (log %s)", pid, self.url, self.log_path)
         try:
-            await self._wait_ready(self._proc)
+            await self._child.wait_ready(f"{self.url}/readyz", deadline=began + self.startup_timeout,
+                                         error=ServiceProcessError)
         except BaseException:
-            await self._terminate(0.0)
+            await self._child.terminate(0.0)
             raise
-
-    async def _wait_ready(self, proc: asyncio.subprocess.Process) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session:
-            while True:
-                if proc.returncode is not None:
-                    raise ServiceProcessError(f"the service (pid {proc.pid}) exited with code {proc.returncode} "
-                                              f"during start-up; last lines of {self.log_path}:\n{self.log_tail()}")
-                try:
-                    async with session.get(f"{self.url}/readyz") as resp:
-                        if resp.status == 200:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    raise ServiceProcessError(f"the service (pid {proc.pid}) did not answer {self.url}/readyz "
-                                              f"within {self.startup_timeout:.0f} s; last lines of "
-                                              f"{self.log_path}:\n{self.log_tail()}")
-                await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
         """SIGTERM (the service drains, then exits), SIGKILL after ``stop_timeout`` seconds."""
-        await self._terminate(self.stop_timeout)
-
-    async def _terminate(self, grace: float) -> None:
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            if grace > 0:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), grace)
-                except TimeoutError:
-                    logger.warning("service pid %d ignored SIGTERM for %.0f s; killing it", proc.pid, grace)
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            logger.info("service pid %d exited with %s", proc.pid, proc.returncode)
-        if self._reaper is not None:
-            self._reaper.detach()
-            self._reaper = None
+        await self._child.terminate(self.stop_timeout)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -313,18 +269,3 @@ class ServiceProcess:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
-
-
-def _kill_at_exit(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    logger.warning("killed the service pid %d left running at exit", pid)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
