@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from comfy_orchestrator.notebook import tiny_unet_names
+
 __all__ = [
     "DEFAULT_PROMPTS",
     "DEFAULT_THRESHOLDS",
@@ -26,12 +28,8 @@ __all__ = [
 
 # Captions the tiny CLIP ("tiny-shapes") was trained on: coloured shapes.
 DEFAULT_PROMPTS = ("a red circle", "a blue square")
-# Three tiny UNets of one architecture, each from its own random seed: (file name, weight seed).
-LOCAL_MODELS: tuple[tuple[str, int], ...] = (
-    ("tiny_sd2_unet.safetensors", 0),
-    ("tiny_sd2_unet_b.safetensors", 1),
-    ("tiny_sd2_unet_c.safetensors", 2),
-)
+# Three tiny UNets of one architecture, each from its own random seed: the notebooks' first three.
+LOCAL_MODELS: tuple[str, ...] = tuple(tiny_unet_names(2))
 LOCAL_TEMPLATE = "cpu_tiny_prompt_txt2img"  # the tiny UNet graph with a prompt node that feeds nothing
 LOCAL_UPSCALE_TEMPLATE = "cpu_tiny_upscale"
 LOCAL_UPSCALER = "tiny_compact_x2.safetensors"
@@ -88,7 +86,7 @@ class DemoSettings(BaseModel):
         if self.local:
             fill: dict[str, Any] = {
                 "template": self.template or LOCAL_TEMPLATE,
-                "models": self.models or [name for name, _ in LOCAL_MODELS],
+                "models": self.models or list(LOCAL_MODELS),
                 "steps": self.steps or LOCAL_STEPS,
                 "upscale_template": self.upscale_template or LOCAL_UPSCALE_TEMPLATE,
                 "upscaler": self.upscaler or LOCAL_UPSCALER,

@@ -12,19 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from comfy_orchestrator.demo.settings import LOCAL_MODELS
+from comfy_orchestrator.notebook import prepare_tiny_models
 
 __all__ = ["prepare_tiny_base"]
 
 
 def prepare_tiny_base(base_dir: Path) -> list[str]:
-    """Write the tiny models (``prepare_base_dir``) and two more UNets into ``base_dir``; returns the
-    UNet file names, in the order they are compared. Blocking (about a second per model)."""
-    from comfy_orchestrator.testing.tiny_models import add_unet, prepare_base_dir
-
-    models = prepare_base_dir(base_dir)
-    names = []
-    for name, seed in LOCAL_MODELS:
-        if name != models.unet:
-            add_unet(base_dir, name, seed=seed)
-        names.append(name)
-    return names
+    """Write the tiny models and two more UNets into ``base_dir`` (the notebooks' set,
+    ``notebook.prepare_tiny_models``); returns the UNet file names, in the order they are compared.
+    Blocking (about a second per model)."""
+    prepare_tiny_models(base_dir, variants=len(LOCAL_MODELS) - 1)
+    return list(LOCAL_MODELS)
