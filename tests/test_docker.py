@@ -288,18 +288,21 @@ def test_serve_starts_from_the_mounted_config(monkeypatch: pytest.MonkeyPatch) -
 
     seen: dict[str, Any] = {}
 
-    def fake_create_app(settings: ServiceSettings) -> object:
+    def fake_create_app(settings: ServiceSettings, *, role: object = None) -> object:
         seen["settings"] = settings
+        seen["role"] = role
         return object()
 
-    async def fake_serve(app: object, host: str, port: int) -> None:
-        seen.update(host=host, port=port)
+    async def fake_serve(app: object, host: str, port: int, **child: object) -> None:
+        seen.update(host=host, port=port, child=child)
 
     monkeypatch.setattr(serve_command, "create_app", fake_create_app)
     monkeypatch.setattr(serve_command, "_serve", fake_serve)
     result = CliRunner().invoke(main, ["serve", "--config", str(CONFIG)])
     assert result.exit_code == 0, result.output
     assert (seen["host"], seen["port"]) == ("0.0.0.0", 8000)
+    assert seen["role"] is None  # one process: no supervisor, no sibling bus
+    assert seen["child"] == {"listen_fd": None, "parent": None}
     assert [b.name for b in seen["settings"].backends] == list(BACKENDS)
 
 
