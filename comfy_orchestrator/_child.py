@@ -69,9 +69,11 @@ class ChildProcess:
         self._reaper = weakref.finalize(self, _kill_at_exit, self._proc.pid, self.what)
         return self._proc.pid
 
-    async def wait_ready(self, url: str, *, deadline: float, error: type[Exception]) -> None:
+    async def wait_ready(self, url: str, *, timeout: float, error: type[Exception],
+                         setting: str = "startup_timeout") -> None:
         """Until ``GET url`` answers 200; ``error`` (with the log's last lines) when the process
-        exits first or ``deadline`` (``time.monotonic()``) passes."""
+        exits first or ``timeout`` seconds pass (``setting`` names the option that sets them)."""
+        deadline = time.monotonic() + timeout
         proc = self._proc
         if proc is None:
             raise error(f"the {self.what} was not started")
@@ -87,8 +89,8 @@ class ChildProcess:
                 except (aiohttp.ClientError, TimeoutError):
                     pass  # not listening yet
                 if time.monotonic() > deadline:
-                    raise error(f"the {self.what} (pid {proc.pid}) did not answer {url} in time; "
-                                f"last lines of {self.log_path}:\n{self.log_tail()}")
+                    raise error(f"the {self.what} (pid {proc.pid}) did not answer {url} within {timeout:.0f} s "
+                                f"({setting}); last lines of {self.log_path}:\n{self.log_tail()}")
                 await asyncio.sleep(0.2)
 
     async def wait(self) -> int | None:

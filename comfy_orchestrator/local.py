@@ -263,7 +263,7 @@ class LocalComfyUI:
         pid = await self._child.launch(cmd, log_path=base_dir / LOG_FILE_NAME, env=env, cwd=comfy_dir)
         logger.info("local ComfyUI pid %d starting at %s (log %s)", pid, self.url, self.log_path)
         try:
-            await self._child.wait_ready(f"{self.url}/system_stats", deadline=began + self.config.startup_timeout,
+            await self._child.wait_ready(f"{self.url}/system_stats", timeout=self.config.startup_timeout,
                                          error=LocalComfyUIError)
         except BaseException:
             await self._terminate(0.0)

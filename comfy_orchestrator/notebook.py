@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -248,11 +247,10 @@ class ServiceProcess:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.settings_toml(), encoding="utf-8")
         cmd = [self.python, "-m", "comfy_orchestrator", "serve", "--config", str(self.config_path)]
-        began = time.monotonic()
         pid = await self._child.launch(cmd, log_path=self.log_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         logger.info("service pid %d starting at %s (log %s)", pid, self.url, self.log_path)
         try:
-            await self._child.wait_ready(f"{self.url}/readyz", deadline=began + self.startup_timeout,
+            await self._child.wait_ready(f"{self.url}/readyz", timeout=self.startup_timeout,
                                          error=ServiceProcessError)
         except BaseException:
             await self._child.terminate(0.0)

@@ -47,10 +47,10 @@ log = logging.getLogger(__name__)
 @click.option("--listen-fd", type=int, default=None, hidden=True)
 @click.option("--bus-dir", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
 @click.option("--reconcile", is_flag=True, hidden=True)
+@click.option("--supervisor-pid", type=int, default=None, hidden=True)
 def serve(config_path: Path, host: str | None, port: int | None, process: str | None, listen_fd: int | None,
-          bus_dir: Path | None, reconcile: bool) -> None:
+          bus_dir: Path | None, reconcile: bool, supervisor_pid: int | None) -> None:
     """Serve the job API (HTTP + WebSocket) over the configured backends."""
-    parent = os.getppid() if process is not None else None  # read first: the supervisor may die during start-up
     try:
         settings = ServiceSettings.load(config_path)
     except SettingsError as exc:
@@ -62,6 +62,11 @@ def serve(config_path: Path, host: str | None, port: int | None, process: str | 
             raise click.ClickException(
                 f"{config_path}: [server] processes = {server.processes} needs the ComfyUI servers listed as "
                 "[[backends]]: the local ComfyUI the service runs by itself belongs to one process")
+        for backend in settings.backends:
+            if backend.max_in_flight < server.processes:
+                log.warning("backend %s: max_in_flight = %d is below processes = %d: each process keeps a prompt "
+                            "on it, so it gets up to %d at once", backend.name, backend.max_in_flight,
+                            server.processes, server.processes)
         try:
             asyncio.run(run_processes(config_path, host, port, processes=server.processes,
                                       drain_timeout=server.drain_timeout))
@@ -70,19 +75,29 @@ def serve(config_path: Path, host: str | None, port: int | None, process: str | 
         return
     role = None
     if process is not None:
-        if listen_fd is None or bus_dir is None:
-            raise click.UsageError("--process needs --listen-fd and --bus-dir")
+        if listen_fd is None or bus_dir is None or supervisor_pid is None:
+            raise click.UsageError("--process needs --listen-fd, --bus-dir and --supervisor-pid")
         try:
             role = ProcessRole.parse(process, bus_dir, reconcile=reconcile)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
+        _label_logs(role.label)
     else:
         settings = _with_local_default(settings, config_path)
     app = create_app(settings, role=role)
     try:
-        asyncio.run(_serve(app, host, port, listen_fd=listen_fd, parent=parent))
+        asyncio.run(_serve(app, host, port, listen_fd=listen_fd, parent=supervisor_pid))
     except ManagedBackendError as exc:  # not one managed ComfyUI started (their logs say why)
         raise click.ClickException(str(exc)) from None
+    except asyncio.CancelledError:  # a second signal during start-up
+        raise click.ClickException("interrupted during start-up") from None
+
+
+def _label_logs(label: str) -> None:
+    """Prefix this process's log lines with ``[I/N]``: the service processes share one stderr."""
+    for handler in logging.getLogger().handlers:
+        fmt = handler.formatter._fmt if handler.formatter is not None else None
+        handler.setFormatter(logging.Formatter(f"[{label}] {fmt or '%(message)s'}"))
 
 
 def _with_local_default(settings: ServiceSettings, config_path: Path) -> ServiceSettings:
@@ -123,11 +138,20 @@ async def _serve(app: web.Application, host: str, port: int, *, listen_fd: int |
     in-flight requests are answered), then stop listening and shut down. ``listen_fd``: a socket
     the supervising process ``parent`` bound (``host`` and ``port`` are then unused); when that
     process is gone, this one drains as on a signal. A signal during start-up (which reconciles,
-    and may take a while) drains as soon as start-up is done, without listening."""
+    and may take a while) drains as soon as start-up is done, without listening; a second one
+    gives up on the start-up at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    started = False
+
+    def on_signal() -> None:
+        if stop.is_set() and not started and main_task is not None:
+            main_task.cancel()  # a second signal while starting (reconciling can take long): give up now
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     orphaned = asyncio.create_task(_until_orphaned(parent, stop)) if parent is not None else None
     runner = web.AppRunner(app, access_log=log, access_log_class=AccessLogger, shutdown_timeout=10.0)
     try:
@@ -135,8 +159,9 @@ async def _serve(app: web.Application, host: str, port: int, *, listen_fd: int |
     except BaseException:
         if orphaned is not None:
             orphaned.cancel()
-        raise
+        raise  # a start-up cut short unwinds what it opened itself (the lifespan's exit stack)
     try:
+        started = True
         if not stop.is_set():
             if listen_fd is None:
                 await web.TCPSite(runner, host, port).start()

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -249,7 +250,8 @@ class ServiceClient:
         Between tries it waits a jittered exponential backoff: a random time between half and all
         of ``backoff`` seconds doubled per failed try in a row, at most ``max_backoff``. A try
         fails when the socket cannot be opened, or opens and closes without a new event (a server
-        that accepts and hangs up at once); one that delivers an event resets the count. After
+        that accepts and hangs up at once); one that delivers an event, or stayed open longer than
+        ``max_backoff`` (a quiet job, a proxy that limits how long a connection lives), resets the count. After
         ``reconnects`` failed reconnects in a row (default: the client's, 8), ``ServiceUnreachable``.
         With the defaults that is about 8 to 16 s of a service that is down or hangs up."""
         reconnects = self._reconnects if reconnects is None else reconnects
@@ -266,6 +268,7 @@ class ServiceClient:
             params = [("after", str(last))] + [("job", j) for j in job_ids]
             delivered = False
             problem = "closed without an event"
+            opened = time.monotonic()
             try:
                 async with self.session.ws_connect(self._url("events"), params=params,
                                                    heartbeat=max(self._timeout, 1.0)) as ws:
@@ -288,7 +291,7 @@ class ServiceClient:
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 problem = str(exc) or type(exc).__name__
                 log.info("event socket of %s: %s (try %d)", self.base_url, problem, failures + 1)
-            failures = 0 if delivered else failures + 1
+            failures = 0 if delivered or time.monotonic() - opened > max_backoff else failures + 1
             if failures > reconnects:
                 raise ServiceUnreachable(
                     f"the event socket of {self.base_url} failed {failures} times in a row without an event "

@@ -4,7 +4,8 @@ Every process binds a Unix datagram socket, ``{bus_dir}/{index}.sock``, and tell
 datagram each, what they would otherwise find only at their next poll of the store:
 
     ``e``          events were appended: wake the event sockets (``Notifier.notify``)
-    ``q``          a job was queued and no worker here was idle to take it: wake one over there
+    ``q``          a job was queued and no worker here was idle to take it: wake one idle worker
+                   in each sibling (the first to claim it gets it; the others find the queue empty)
     ``c JOB_ID``   a tenant cancelled this job: whichever process runs it interrupts its prompt
 
 The store stays the only source of truth; a wake-up lost (a sibling restarting) costs only the

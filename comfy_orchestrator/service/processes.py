@@ -12,7 +12,8 @@ One event loop answers a few hundred jobs a second; past that the service needs 
   is ready, so no job one of them has just claimed is mistaken for a leftover;
 * the children wake each other through ``service.peers`` (events appended, jobs queued, cancels);
   the store stays the only shared state, and its writers take turns on a file lock;
-* Prometheus metrics are kept in ``PROMETHEUS_MULTIPROC_DIR`` and summed over the children, so any
+* Prometheus metrics are kept in ``PROMETHEUS_MULTIPROC_DIR``: counters, histograms and backend
+  in-flight gauges are summed over the children, the store's gauges are the latest reading, so any
   of them answers ``/metrics`` for all;
 * a child that dies is started again (jittered backoff from 1 s to 30 s); its jobs are taken over by the
   others once their leases run out. SIGTERM or SIGINT drains every child (``/readyz`` 503, running
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -104,12 +106,16 @@ async def run_processes(config_path: Path, host: str, port: int, *, processes: i
         bus_dir, metrics_dir = Path(tmp) / "bus", Path(tmp) / "metrics"
         bus_dir.mkdir(mode=0o700)
         metrics_dir.mkdir(mode=0o700)
+        # every child reads the settings as they were at start, a restarted one too, whatever
+        # happens to the file meanwhile
+        config = Path(tmp) / "service.toml"
+        shutil.copyfile(config_path, config)
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
 
         async def spawn(child: _Child, reconcile: bool) -> None:
-            args = [sys.executable, "-m", "comfy_orchestrator", *_verbosity(), "serve", "--config", str(config_path),
+            args = [sys.executable, "-m", "comfy_orchestrator", *_verbosity(), "serve", "--config", str(config),
                     "--process", f"{child.index}/{processes}", "--listen-fd", str(listener.fileno()),
-                    "--bus-dir", str(bus_dir)]
+                    "--bus-dir", str(bus_dir), "--supervisor-pid", str(os.getpid())]
             if reconcile:
                 args.append("--reconcile")
             child.proc = await asyncio.create_subprocess_exec(*args, env=env, pass_fds=(listener.fileno(),),

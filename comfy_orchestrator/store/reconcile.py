@@ -172,7 +172,9 @@ async def reconcile_job(
             if queues is not None:
                 queues[attempt.backend] = queue
         if isinstance(queue, BackendError | ComfyTimeout):
-            raise queue
+            reason = f"backend {attempt.backend} unreachable: {queue}"
+            await resubmit(job, attempt, reason)
+            return _done(job, attempt, Outcome.RESUBMITTED, reason)
         if attempt.prompt_id in queue:
             taken = await store.take_over(job.id, worker_id, lease_s=lease_s)
             return _done(job, attempt, Outcome.FOLLOW if taken else Outcome.ALREADY_ENDED, "in the backend's queue")

@@ -15,7 +15,9 @@ in one transaction, each in its own savepoint, and every caller is answered afte
 sees only committed transactions. Every write transaction opens with ``BEGIN IMMEDIATE``, taking
 SQLite's write lock up front, so processes sharing the file (several stores, workers in other
 processes) serialise on claims, idempotency checks and sequence numbers instead of failing with a
-lock upgrade; ``busy_timeout`` is how long one waits for another. Writes being serial, event
+lock upgrade. The store's own writers also take turns on a file lock (``_sqlite_db``), which they
+wait for without a limit (a process that dies releases it; one stopped mid-transaction would hold
+SQLite's lock too); ``busy_timeout`` is how long any other writer of the file waits. Writes being serial, event
 sequence numbers are handed out in commit order.
 """
 

@@ -131,6 +131,30 @@ async def test_events_give_up_on_a_socket_that_is_accepted_and_closed_at_once() 
     assert elapsed >= sum((0.05, 0.1, 0.2)) / 2
 
 
+async def test_a_quiet_socket_that_lived_a_while_is_not_a_failed_try() -> None:
+    """A job that stays queued sends nothing; a proxy that closes connections after a while is not
+    a service that is down."""
+    opened = 0
+
+    async def events(request: web.Request) -> web.WebSocketResponse:
+        nonlocal opened
+        opened += 1
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        if opened == 6:
+            await ws.send_json({"seq": 1, "type": "job.succeeded", "job_id": "j", "data": {},
+                                "at": "2024-01-01T00:00:00+00:00"})
+        else:
+            await asyncio.sleep(0.15)  # open longer than max_backoff, then closed without an event
+        await ws.close()
+        return ws
+
+    async with serving({"/v1/events": events}) as url, ServiceClient(url, "t", timeout=5.0) as remote:
+        async with asyncio.timeout(10):
+            event = await anext(remote.events(reconnects=2, backoff=0.01, max_backoff=0.1))
+    assert (event.seq, opened) == (1, 6)  # five quiet sockets in a row, more than `reconnects`
+
+
 async def test_a_reconnect_that_delivers_an_event_resets_the_count() -> None:
     opened = 0
 
