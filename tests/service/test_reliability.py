@@ -230,6 +230,21 @@ async def _wait_running_on(fake: FakeComfyUI, timeout: float = 20.0) -> str:
             await asyncio.sleep(0.02)
 
 
+async def _cancel_and_see_the_prompt_stop(session: aiohttp.ClientSession, base: str, job_id: str,
+                                          fake: FakeComfyUI, prompt_id: str) -> None:
+    """POST the cancel; the backend stops running ``prompt_id`` within 5 s of it."""
+    asked = asyncio.get_running_loop().time()
+    async with session.post(f"{base}/v1/jobs/{job_id}/cancel", headers=auth()) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["state"] == "cancelled"
+    async with asyncio.timeout(5):
+        while True:
+            if fake.running_prompt_id != prompt_id:
+                break
+            await asyncio.sleep(0.05)
+    assert asyncio.get_running_loop().time() - asked < 5
+
+
 async def _terminate(proc: Proc, timeout: float = 20.0) -> int:
     proc.process.send_signal(signal.SIGTERM)
     try:
@@ -319,16 +334,7 @@ async def test_a_tenant_cancelling_an_adopted_job_interrupts_its_prompt_within_5
         second = await _start(config, port, session, name="second")
         try:
             assert fake.running_prompt_id == prompt_id  # adopted, still running
-            asked = asyncio.get_running_loop().time()
-            async with session.post(f"{base}/v1/jobs/{job_id}/cancel", headers=auth()) as resp:
-                assert resp.status == 200, await resp.text()
-                assert (await resp.json())["state"] == "cancelled"
-            async with asyncio.timeout(5):
-                while True:
-                    if fake.running_prompt_id != prompt_id:
-                        break
-                    await asyncio.sleep(0.05)
-            assert asyncio.get_running_loop().time() - asked < 5
+            await _cancel_and_see_the_prompt_stop(session, base, job_id, fake, prompt_id)
         finally:
             assert await _terminate(second) == 0, second.output()
         assert fake.history[prompt_id]["status"]["status_str"] != "success"
