@@ -132,7 +132,13 @@ _V1 = (
     "CREATE INDEX outputs_by_sha ON outputs (sha256)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+_V2 = (
+    # the prompts in flight on each backend, whichever process dispatched them: a tiny index,
+    # since attempts leave the state when they end
+    "CREATE INDEX attempts_running ON attempts (backend) WHERE state = 'running'",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

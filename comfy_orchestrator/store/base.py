@@ -167,6 +167,11 @@ class JobStore(Protocol):
 
     async def list_attempts(self, job_id: str) -> list[AttemptRecord]: ...
 
+    async def running_attempts(self) -> dict[str, int]:
+        """Backend name → attempts running on it now (dispatched and not ended), from every
+        process sharing the store; backends with none are left out."""
+        ...
+
     async def complete_job(
         self, job_id: str, result: Mapping[str, Any], outputs: Sequence[OutputRecord] = ()
     ) -> bool:

@@ -273,6 +273,11 @@ class SQLiteJobStore:
         found = await self._db.fetch("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))
         return [rows.attempt_from(r) for r in found]
 
+    async def running_attempts(self) -> dict[str, int]:
+        found = await self._db.fetch(
+            "SELECT backend, count(*) FROM attempts WHERE state = 'running' GROUP BY backend")
+        return {str(row[0]): int(row[1]) for row in found}
+
     async def complete_job(
         self, job_id: str, result: Mapping[str, Any], outputs: Sequence[OutputRecord] = ()
     ) -> bool:

@@ -260,6 +260,11 @@ async def test_a_cancel_that_reaches_the_other_process_interrupts_the_prompt_wit
             prompt_id = await _wait_running_on(fake)
             other = await _connection_to_a_process_not_running_it(base)
             try:
+                async with other.get(f"{base}/v1/backends", headers=auth()) as resp:
+                    (backend,) = (await resp.json())["items"]
+                # this process runs nothing; the service as a whole runs one prompt there
+                assert (backend["in_flight"], backend["in_flight_here"]) == (1, 0)
+                assert (backend["max_in_flight"], backend["max_in_flight_here"]) == (1, 1)
                 await _cancel_and_see_the_prompt_stop(other, base, job_id, fake, prompt_id)
             finally:
                 await other.close()
@@ -300,7 +305,7 @@ async def _connection_to_a_process_not_running_it(base: str) -> aiohttp.ClientSe
             session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
             async with session.get(f"{base}/v1/backends", headers=auth()) as resp:
                 items = (await resp.json())["items"]
-            if all(item["in_flight"] == 0 for item in items):
+            if all(item["in_flight_here"] == 0 for item in items):
                 return session
             await session.close()
 

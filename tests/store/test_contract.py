@@ -270,6 +270,19 @@ async def test_attempts_only_on_running_jobs(store: JobStore) -> None:
         await store.start_attempt("nope", "gpu-a", "p1")
 
 
+async def test_running_attempts_are_counted_per_backend(store: JobStore) -> None:
+    ids = [(await store.create_job("acme", "graph", graph(i)))[0].id for i in range(4)]
+    for _ in ids:
+        await store.claim_next("w", lease_s=30)
+    for job_id, backend in zip(ids, ("gpu-a", "gpu-a", "gpu-b", "gpu-b"), strict=True):
+        await store.start_attempt(job_id, backend, f"p-{job_id}")
+    assert await store.running_attempts() == {"gpu-a": 2, "gpu-b": 2}
+    assert await store.complete_job(ids[0], {})
+    assert await store.cancel_job("acme", ids[2])
+    await store.release(ids[3], reason="shutting down")
+    assert await store.running_attempts() == {"gpu-a": 1}
+
+
 async def test_running_jobs_come_with_their_latest_attempt(store: JobStore) -> None:
     a, _ = await store.create_job("acme", "graph", graph(1))
     b, _ = await store.create_job("acme", "graph", graph(2))

@@ -31,7 +31,7 @@ async def test_opens_in_wal_mode_with_a_schema_version(tmp_path: Path) -> None:
         await store.create_job("acme", "graph", graph())
     assert _pragma(tmp_path / "db" / "jobs.db", "journal_mode") == "wal"
     with sqlite3.connect(tmp_path / "db" / "jobs.db") as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
 
 
 async def test_reopening_keeps_everything_and_migrates_nothing(tmp_path: Path) -> None:
@@ -42,6 +42,20 @@ async def test_reopening_keeps_everything_and_migrates_nothing(tmp_path: Path) -
         assert await store.get_job("acme", job.id) == job
         assert (await store.create_job("acme", "graph", graph(), idempotency_key="k")) == (job, False)
         assert b"".join([c async for c in await store.open_output("acme", job.id, "a.png")]) == b"png"
+
+
+async def test_a_version_1_file_is_migrated_keeping_its_jobs(tmp_path: Path) -> None:
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        job, _ = await store.create_job("acme", "graph", graph())
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:  # as the first release left it
+        conn.execute("DROP INDEX attempts_running")
+        conn.execute("UPDATE schema_version SET version = 1")
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        assert await store.get_job("acme", job.id) == job
+        assert await store.running_attempts() == {}
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'attempts_running'").fetchall()
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
