@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-__all__ = ["ChildProcess", "free_port", "log_tail"]
+__all__ = ["ChildProcess", "free_port", "http_url", "log_tail"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,27 +53,30 @@ class ChildProcess:
         """The last ``lines`` lines of the log, or '' when there is none."""
         return log_tail(self.log_path, lines)
 
-    async def launch(self, cmd: Sequence[str], *, log_path: Path, env: Mapping[str, str],
-                     cwd: Path | None = None) -> int:
+    async def launch(self, cmd: Sequence[str], *, log_path: Path | None, env: Mapping[str, str],
+                     cwd: Path | None = None, pass_fds: Sequence[int] = ()) -> int:
         """Start ``cmd``, its stdout and stderr appended to ``log_path`` after a line naming the
-        command; its pid."""
+        command (None: this process's own stdout and stderr), with ``pass_fds`` inherited; its pid."""
         self.log_path = log_path
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = None if log_path is None else os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+            if fd is not None:
+                os.write(fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
             self._proc = await asyncio.create_subprocess_exec(
-                *cmd, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                *cmd, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=fd,
+                stderr=None if fd is None else subprocess.STDOUT, pass_fds=tuple(pass_fds), start_new_session=True)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._reaper = weakref.finalize(self, _kill_at_exit, self._proc.pid, self.what)
         return self._proc.pid
 
-    async def wait_ready(self, url: str, *, timeout: float, error: type[Exception],
+    async def wait_ready(self, url: str, *, timeout: float | None, error: type[Exception],
                          setting: str = "startup_timeout") -> None:
         """Until ``GET url`` answers 200; ``error`` (with the log's last lines) when the process
-        exits first or ``timeout`` seconds pass (``setting`` names the option that sets them)."""
-        deadline = time.monotonic() + timeout
+        exits first or ``timeout`` seconds pass (``setting`` names the option that sets them;
+        None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         proc = self._proc
         if proc is None:
             raise error(f"the {self.what} was not started")
@@ -81,17 +84,20 @@ class ChildProcess:
             while True:
                 if proc.returncode is not None:
                     raise error(f"the {self.what} (pid {proc.pid}) exited with code {proc.returncode} during "
-                                f"start-up; last lines of {self.log_path}:\n{self.log_tail()}")
+                                f"start-up{self._last_lines()}")
                 try:
                     async with session.get(url) as resp:
                         if resp.status == 200:
                             return
                 except (aiohttp.ClientError, TimeoutError):
                     pass  # not listening yet
-                if time.monotonic() > deadline:
+                if deadline is not None and time.monotonic() > deadline:
                     raise error(f"the {self.what} (pid {proc.pid}) did not answer {url} within {timeout:.0f} s "
-                                f"({setting}); last lines of {self.log_path}:\n{self.log_tail()}")
+                                f"({setting}){self._last_lines()}")
                 await asyncio.sleep(0.2)
+
+    def _last_lines(self) -> str:
+        return f"; last lines of {self.log_path}:\n{self.log_tail()}" if self.log_path is not None else ""
 
     async def wait(self) -> int | None:
         """Until the process exits (its exit status); None when none was started."""
@@ -132,6 +138,15 @@ def log_tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
         fh.seek(max(0, path.stat().st_size - 64 * 1024))
         text = fh.read().decode("utf-8", errors="replace")
     return "\n".join(text.splitlines()[-lines:])
+
+
+def http_url(host: str, port: int) -> str:
+    """``http://host:port`` to reach a server listening on ``host`` (a wildcard: on loopback)."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def free_port(host: str) -> int:

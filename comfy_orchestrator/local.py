@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from comfy_orchestrator._child import ChildProcess, free_port, log_tail
+from comfy_orchestrator._child import ChildProcess, free_port, http_url, log_tail
 from comfy_orchestrator.errors import ComfyOrchestratorError
 
 __all__ = ["LocalComfyUI", "LocalComfyUIConfig", "LocalComfyUIError", "find_comfyui_dir"]
@@ -124,12 +124,7 @@ class LocalComfyUI:
         """``http://host:port`` of the server (known once :meth:`start` picked the port)."""
         if self._port is None:
             raise LocalComfyUIError("the local ComfyUI has not been started yet; no port chosen")
-        host = self.config.host
-        if host in ("", "0.0.0.0", "::"):
-            host = "127.0.0.1"
-        elif ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self._port}"
+        return http_url(self.config.host, self._port)
 
     @property
     def port(self) -> int | None:

@@ -28,7 +28,6 @@ fragments; routes are their templates (``/v1/jobs/{job_id}``), never the concret
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import time
@@ -86,7 +85,6 @@ class Metrics:
         self.request_seconds = Histogram(f"{_NS}_http_request_seconds", "Time to answer an HTTP request.",
                                          ["route", "method"], buckets=_HTTP_BUCKETS, registry=r)
         self._dispatched: dict[str, tuple[str, float]] = {}  # job id -> (backend, dispatch time) of its attempt
-        self._running: collections.Counter[str] = collections.Counter()  # backend -> attempts in _dispatched
 
     def watch(self, pool: Pool) -> None:
         """Observe every attempt ``pool`` runs (a synchronous listener: it never awaits)."""
@@ -95,7 +93,7 @@ class Metrics:
     def on_pool_event(self, event: PoolEvent) -> None:
         if event.kind is EventKind.DISPATCHED and event.backend is not None:
             self._dispatched[event.job_id] = (event.backend, event.at)
-            self._count(event.backend, 1)
+            self._publish_running(event.backend)
             return
         outcome = _ENDS.get(event.kind)
         if outcome is None:
@@ -104,16 +102,18 @@ class Metrics:
         if started is None:  # failed or cancelled before any backend took it
             return
         backend, at = started
-        self._count(backend, -1)
+        self._publish_running(backend)
         self.attempts.labels(backend, outcome).inc()
         self.attempt_seconds.labels(backend, outcome).observe(max(event.at - at, 0.0))
 
-    def _count(self, backend: str, change: int) -> None:
-        """This process's attempts on ``backend``; other processes' are summed in at a scrape only
-        when each keeps its own gauge current."""
-        self._running[backend] += change
+    def _running(self, backend: str) -> int:
+        """This process's attempts on ``backend`` now (dispatched, not ended)."""
+        return sum(1 for name, _ in self._dispatched.values() if name == backend)
+
+    def _publish_running(self, backend: str) -> None:
+        """Many processes: each keeps its own gauge current, and a scrape sums the live ones."""
         if self.multiprocess:
-            self.in_flight.labels(backend).set(self._running[backend])
+            self.in_flight.labels(backend).set(self._running(backend))
 
     def observe_score(self, score: float) -> None:
         """Record a quality score the evaluator gave an image."""
@@ -128,7 +128,7 @@ class Metrics:
         self.queue_depth.set(counts[JobState.QUEUED])
         for status in pool.backends():
             # many processes: each its own attempts, summed (every backend has a series from the first scrape)
-            self.in_flight.labels(status.name).set(self._running[status.name] if self.multiprocess
+            self.in_flight.labels(status.name).set(self._running(status.name) if self.multiprocess
                                                    else status.in_flight)
             self.healthy.labels(status.name).set(1 if status.healthy else 0)
 

@@ -44,11 +44,11 @@ class PeerBus:
         self._pending: set[str] = set()
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._paths = [str(bus_dir / f"{i}.sock") for i in range(count)]  # formatted once: sent to per event
         self.sent = 0
-        self.received = 0
 
     def path(self, index: int) -> str:
-        return str(self.bus_dir / f"{index}.sock")
+        return self._paths[index]
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -114,7 +114,7 @@ class PeerBus:
             if index == self.index:
                 continue
             try:
-                sock.sendto(payload, self.path(index))
+                sock.sendto(payload, self._paths[index])
                 self.sent += 1
             except (FileNotFoundError, ConnectionRefusedError):
                 pass  # that sibling is not up (yet, or any more): it reads the store when it is
@@ -129,7 +129,6 @@ class PeerBus:
                 payload = sock.recv(_MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
-            self.received += 1
             kind, _, argument = payload.decode(errors="replace").partition(" ")
             try:
                 self._on_message(kind, argument)

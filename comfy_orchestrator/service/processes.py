@@ -17,7 +17,8 @@ One event loop answers a few hundred jobs a second; past that the service needs 
   of them answers ``/metrics`` for all;
 * a child that dies is started again (jittered backoff from 1 s to 30 s); its jobs are taken over by the
   others once their leases run out. SIGTERM or SIGINT drains every child (``/readyz`` 503, running
-  jobs finished or handed back) and waits for them.
+  jobs finished or handed back) and waits for them. The children run as ``ChildProcess``es, each in
+  a session of its own: a Ctrl-C reaches the supervisor alone, which passes it on as SIGTERM.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
+from comfy_orchestrator._child import ChildProcess, http_url
 from comfy_orchestrator.service.restarts import RestartBackoff
 
 __all__ = ["ProcessRole", "run_processes"]
@@ -81,12 +81,12 @@ class ProcessRole:
         return cls(int(index), int(count), bus_dir, reconcile=reconcile)
 
 
+@dataclass(slots=True)
 class _Child:
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.proc: asyncio.subprocess.Process | None = None
-        self.started = 0.0
-        self.restarts = 0
+    index: int
+    process: ChildProcess
+    started: float = 0.0  # time.monotonic() of the last launch
+    running: bool = False  # launched and not yet seen to exit
 
 
 async def run_processes(config_path: Path, host: str, port: int, *, processes: int, drain_timeout: float) -> None:
@@ -118,18 +118,15 @@ async def run_processes(config_path: Path, host: str, port: int, *, processes: i
                     "--bus-dir", str(bus_dir), "--supervisor-pid", str(os.getpid())]
             if reconcile:
                 args.append("--reconcile")
-            child.proc = await asyncio.create_subprocess_exec(*args, env=env, pass_fds=(listener.fileno(),),
-                                                              stdin=asyncio.subprocess.DEVNULL)
-            child.started = time.monotonic()
-            log.info("process %d/%d started (pid %d)", child.index, processes, child.proc.pid)
+            pid = await child.process.launch(args, log_path=None, env=env, pass_fds=(listener.fileno(),))
+            child.started, child.running = time.monotonic(), True
+            log.info("process %d/%d started (pid %d)", child.index, processes, pid)
 
-        children = [_Child(i) for i in range(processes)]
+        children = [_Child(i, ChildProcess(f"service process {i}")) for i in range(processes)]
         try:
             await spawn(children[0], True)
-            if not await _wait_ready(children[0], _probe_url(bound), stop):
-                if stop.is_set():
-                    return
-                raise RuntimeError(f"service process 0 exited with code {_code(children[0])} before it was ready")
+            if not await _wait_ready(children[0], http_url(bound[0], bound[1]) + "/readyz", stop):
+                return
             for child in children[1:]:
                 await spawn(child, False)
             log.info("serving on http://%s:%d with %d processes", bound[0], bound[1], processes)
@@ -142,7 +139,8 @@ async def run_processes(config_path: Path, host: str, port: int, *, processes: i
                     keeper.cancel()
                 await asyncio.gather(*keepers, return_exceptions=True)
         finally:
-            await _stop_all(children, drain_timeout + _EXIT_GRACE_S)
+            # SIGTERM: each drains; killed if still there after its drain and a grace
+            await asyncio.gather(*(c.process.terminate(drain_timeout + _EXIT_GRACE_S) for c in children))
 
 
 def _verbosity() -> list[str]:
@@ -151,31 +149,20 @@ def _verbosity() -> list[str]:
     return ["-vv"] if level <= logging.DEBUG else ["-v"] if level <= logging.INFO else []
 
 
-def _probe_url(bound: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host = bound[0]
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"http://[{host}]:{bound[1]}/readyz" if ":" in host else f"http://{host}:{bound[1]}/readyz"
-
-
-def _code(child: _Child) -> int | None:
-    return child.proc.returncode if child.proc is not None else None
-
-
 async def _wait_ready(child: _Child, url: str, stop: asyncio.Event) -> bool:
-    """Until ``child`` (alone on the socket) answers ``/readyz`` with 200: True; False when it exits
-    first or a signal came."""
-    assert child.proc is not None
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while child.proc.returncode is None and not stop.is_set():
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return True
-            await asyncio.sleep(0.1)
-    return False
+    """Until ``child`` (alone on the socket) answers ``url`` with 200: True; False when a signal
+    came first. RuntimeError when it exits first (its own log, on this process's stderr, says why)."""
+    ready = asyncio.ensure_future(child.process.wait_ready(url, timeout=None, error=RuntimeError))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not ready.done():
+        ready.cancel()
+        return False
+    ready.result()
+    return True
 
 
 async def _keep_running(child: _Child, spawn: Callable[[_Child, bool], Awaitable[None]], stop: asyncio.Event,
@@ -186,45 +173,26 @@ async def _keep_running(child: _Child, spawn: Callable[[_Child, bool], Awaitable
 
     failures = 0
     while not stop.is_set():
-        proc = child.proc
-        if proc is not None:
-            pid = proc.pid
-            code = await proc.wait()
+        if child.running:
+            pid = child.process.pid
+            code = await child.process.wait()
+            child.running = False
             with contextlib.suppress(OSError):
                 multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
             if stop.is_set():
                 return
             failures = _RESTARTS.failures_after(failures, time.monotonic() - child.started)
+            what = f"(pid {pid}) exited with code {code}"
         else:
-            failures += 1  # the last start failed before a process existed
+            failures += 1
+            what = "could not be started"
         delay = _RESTARTS.delay(failures, rng)
-        log.warning("process %d (pid %s) exited with code %s; starting it again in %.1f s", child.index,
-                    pid if proc is not None else "-", code if proc is not None else "-", delay)
+        log.warning("process %d %s; starting it again in %.1f s", child.index, what, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
         if stop.is_set():
             return
-        child.restarts += 1
         try:
             await spawn(child, False)
         except OSError as exc:
             log.error("process %d could not be started: %s", child.index, exc)
-            child.proc = None
-
-
-async def _stop_all(children: list[_Child], timeout: float) -> None:
-    """SIGTERM every child (each drains), wait up to ``timeout``, kill what is left."""
-    live = [c.proc for c in children if c.proc is not None and c.proc.returncode is None]
-    for proc in live:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-    if not live:
-        return
-    _done, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in live], timeout=timeout)
-    for proc in live:
-        if proc.returncode is None:
-            log.warning("process pid %d did not exit within %.0f s of SIGTERM: killed", proc.pid, timeout)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-    if pending:
-        await asyncio.gather(*(p.wait() for p in live))
