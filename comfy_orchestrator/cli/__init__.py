@@ -6,7 +6,9 @@ import logging
 
 import click
 
-__all__ = ["main"]
+__all__ = ["LOG_FORMAT", "main"]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @click.group()
@@ -14,7 +16,7 @@ __all__ = ["main"]
 def main(verbose: int) -> None:
     """Orchestrate ComfyUI servers: run graphs, score images, serve jobs."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def _register() -> None:

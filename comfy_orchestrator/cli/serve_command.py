@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from comfy_orchestrator.cli import main
+from comfy_orchestrator.cli import LOG_FORMAT, main
 from comfy_orchestrator.local import LocalComfyUIError, find_comfyui_dir
 from comfy_orchestrator.service import ServiceSettings, SettingsError, create_app
 from comfy_orchestrator.service.access_log import AccessLogger
@@ -96,8 +96,7 @@ def serve(config_path: Path, host: str | None, port: int | None, process: str | 
 def _label_logs(label: str) -> None:
     """Prefix this process's log lines with ``[I/N]``: the service processes share one stderr."""
     for handler in logging.getLogger().handlers:
-        fmt = handler.formatter._fmt if handler.formatter is not None else None
-        handler.setFormatter(logging.Formatter(f"[{label}] {fmt or '%(message)s'}"))
+        handler.setFormatter(logging.Formatter(f"[{label}] {LOG_FORMAT}"))
 
 
 def _with_local_default(settings: ServiceSettings, config_path: Path) -> ServiceSettings:

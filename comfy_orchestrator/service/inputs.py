@@ -9,9 +9,9 @@
 An image is checked with Pillow before it is kept: its format must be the declared one (a fetched
 image's format is read from its bytes), its header must parse and its ``width × height`` must be
 within ``[inputs] max_pixels``; its size is capped by ``max_bytes`` while it streams in. It is kept
-at ``<inputs dir>/<tenant key>/<sha256[:2]>/<sha256>`` — the tenant key is a hash of the tenant's
-name and the id is the content's SHA-256, so no name from a request reaches the file system and
-no tenant can read another's inputs. The same bytes uploaded twice get the same id.
+in a ``BlobStore`` per tenant, at ``<inputs dir>/<tenant key>/<sha256[:2]>/<sha256>``: the tenant
+key is a hash of the tenant's name and the id is the content's SHA-256, so no name from a request
+reaches the file system and no tenant can read another's inputs. The same bytes uploaded twice get the same id.
 
 A job names its inputs as ``{"inputs": {"<file name in the graph's LoadImage>": "<id>"}}``;
 ``load_uploads`` reads them back for the worker, which hands them to ``Pool.run(uploads=…)``.
@@ -22,10 +22,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import io
 import logging
-import os
 import re
-import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from comfy_orchestrator.service.fetch import Fetcher, FetchFailed, FetchPolicy, 
 from comfy_orchestrator.service.intake import job_inputs
 from comfy_orchestrator.service.keys import TENANT
 from comfy_orchestrator.service.settings import ServiceSettings
-from comfy_orchestrator.store import JobRecord
+from comfy_orchestrator.store import BlobStore, JobRecord
 
 __all__ = [
     "CONTENT_TYPES",
@@ -63,8 +62,6 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}  # Pillow format → type
-_ID = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1 << 16
 
 
 class InputNotFound(ComfyOrchestratorError, LookupError):
@@ -88,14 +85,23 @@ class InputStore:
     def __init__(self, root: str | Path, *, max_bytes: int, max_pixels: int) -> None:
         self.root = Path(root)
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self._blobs: dict[str, BlobStore] = {}
 
     def tenant_dir(self, tenant: str) -> Path:
         return self.root / hashlib.sha256(tenant.encode()).hexdigest()[:32]
 
+    def blobs(self, tenant: str) -> BlobStore:
+        """The tenant's inputs: a content-addressed store of its own."""
+        store = self._blobs.get(tenant)
+        if store is None:
+            store = self._blobs[tenant] = BlobStore(self.tenant_dir(tenant))
+        return store
+
     def path(self, tenant: str, input_id: str) -> Path:
-        if not _ID.fullmatch(input_id):
-            raise InputNotFound(f"{input_id[:80]!r} is not an input id (64 lowercase hex digits)")
-        return self.tenant_dir(tenant) / input_id[:2] / input_id
+        try:
+            return self.blobs(tenant).path(input_id)
+        except ValueError:
+            raise InputNotFound(f"{input_id[:80]!r} is not an input id (64 lowercase hex digits)") from None
 
     async def exists(self, tenant: str, input_id: str) -> bool:
         try:
@@ -111,49 +117,37 @@ class InputStore:
 
     async def put(self, tenant: str, data: bytes | AsyncIterable[bytes], *, declared: str | None = None
                   ) -> InputInfo:
-        """Keep an image (bytes, or chunks as they stream in): written to a temporary file while
-        counted and hashed, checked with Pillow, then renamed to its address. Raises ApiError: 413
-        past ``max_bytes`` or ``max_pixels``, 400 for bytes that are not an image of an accepted
-        format or not of the ``declared`` content type."""
-        folder = self.tenant_dir(tenant)
-        tmp_dir = folder / ".tmp"
-        await asyncio.to_thread(tmp_dir.mkdir, parents=True, exist_ok=True)
-        fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=tmp_dir, prefix="input-")
-        tmp = Path(tmp_name)
-        try:
-            digest, size = hashlib.sha256(), 0
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in _chunks(data):
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise ApiError(413, "InputTooLarge", f"an input is at most {self.max_bytes} bytes")
-                    digest.update(chunk)
-                    await asyncio.to_thread(fh.write, chunk)
-            content_type, width, height = await asyncio.to_thread(_inspect, tmp, self.max_pixels)
-            if declared is not None and declared != content_type:
-                raise ApiError(400, "InvalidImage", f"the body is {content_type}, not {declared} as declared")
-            sha = digest.hexdigest()
-            await asyncio.to_thread(_settle, tmp, self.path(tenant, sha))
-        finally:
-            await asyncio.to_thread(tmp.unlink, missing_ok=True)
-        log.info("tenant %s: input %s stored (%s, %dx%d, %d bytes)", tenant, sha[:12], content_type, width, height,
-                 size)
-        return InputInfo(sha, size, content_type, width, height)
+        """Keep an image (bytes, or chunks as they stream in, counted against ``max_bytes``),
+        checked with Pillow, in the tenant's content-addressed store. Raises ApiError: 413 past
+        ``max_bytes`` or ``max_pixels``, 400 for bytes that are not an image of an accepted format
+        or not of the ``declared`` content type."""
+        if not isinstance(data, bytes):
+            data = await _gather(data, self.max_bytes)
+        if len(data) > self.max_bytes:
+            raise ApiError(413, "InputTooLarge", f"an input is at most {self.max_bytes} bytes")
+        content_type, width, height = await asyncio.to_thread(_inspect, data, self.max_pixels)
+        if declared is not None and declared != content_type:
+            raise ApiError(400, "InvalidImage", f"the body is {content_type}, not {declared} as declared")
+        blob = await self.blobs(tenant).put(data)
+        log.info("tenant %s: input %s stored (%s, %dx%d, %d bytes)", tenant, blob.sha256[:12], content_type, width,
+                 height, blob.size)
+        return InputInfo(blob.sha256, blob.size, content_type, width, height)
 
 
-async def _chunks(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    if isinstance(data, bytes):
-        for start in range(0, len(data), _CHUNK):
-            yield data[start:start + _CHUNK]
-    else:
-        async for chunk in data:
-            yield chunk
+async def _gather(chunks: AsyncIterable[bytes], max_bytes: int) -> bytes:
+    """The chunks as one body, refused (413) as soon as it passes ``max_bytes``."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_bytes:
+            raise ApiError(413, "InputTooLarge", f"an input is at most {max_bytes} bytes")
+    return bytes(body)
 
 
-def _inspect(path: Path, max_pixels: int) -> tuple[str, int, int]:
-    """(content type, width, height) of the image at ``path``, from its header; raises ApiError."""
+def _inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
+    """(content type, width, height) of the image in ``data``, from its header; raises ApiError."""
     try:
-        with Image.open(path, formats=list(CONTENT_TYPES)) as image:
+        with Image.open(io.BytesIO(data), formats=list(CONTENT_TYPES)) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ApiError(413, "TooManyPixels", f"the image is {width}×{height}; at most {max_pixels} pixels "
@@ -165,15 +159,6 @@ def _inspect(path: Path, max_pixels: int) -> tuple[str, int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, KeyError, EOFError) as exc:
         raise ApiError(400, "InvalidImage", f"not a PNG, JPEG or WebP image ({type(exc).__name__})") from None
     return content_type, width, height
-
-
-def _settle(tmp: Path, target: Path) -> None:
-    if target.is_file():
-        return  # the same content is already kept
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
 
 
 async def check_inputs(store: InputStore, tenant: str, inputs: Mapping[str, str]) -> None:
@@ -244,7 +229,7 @@ async def _fetcher_lifespan(app: web.Application, *, fetcher: Fetcher) -> AsyncI
 
 
 async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(_CHUNK):
+    async for chunk in request.content.iter_chunked(1 << 16):
         yield chunk
 
 
