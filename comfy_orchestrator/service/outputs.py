@@ -13,7 +13,6 @@ from aiohttp import web
 
 from comfy_orchestrator.service.errors import ApiError
 from comfy_orchestrator.service.keys import STORE, TENANT
-from comfy_orchestrator.store import OutputNotFound
 
 __all__ = ["routes", "safe_name", "stream_output"]
 
@@ -47,9 +46,9 @@ async def stream_output(request: web.Request, job_id: str, name: str) -> web.Str
     if etag in [tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")]:
         return web.Response(status=304, headers=headers)
     try:
-        chunks = aiter(await store.open_output(tenant, job_id, name))
+        chunks = aiter(store.read_output(output))
         first = await anext(chunks, b"")  # the file is opened here: a missing one is a 404, not a cut 200
-    except (OutputNotFound, FileNotFoundError):
+    except FileNotFoundError:
         raise ApiError(404, "OutputNotFound", f"job {job_id!r} has no output {name!r}") from None
     response = web.StreamResponse(headers=headers)
     response.content_type = output.content_type

@@ -34,9 +34,8 @@ __all__ = [
 ]
 
 COUNT_ACTIVE_SQL = "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN ('queued', 'running')"
-OUTPUTS_SQL = ("SELECT o.*, j.state AS job_state FROM outputs o JOIN jobs j ON j.id = o.job_id "
-               "WHERE o.job_id = ? AND j.tenant = ?")
-"""A job's outputs, only when the job is the tenant's, with the job's state."""
+OUTPUTS_SQL = "SELECT o.* FROM outputs o JOIN jobs j ON j.id = o.job_id WHERE o.job_id = ? AND j.tenant = ?"
+"""A job's outputs, only when the job is the tenant's."""
 
 _ATTEMPT_COLUMNS = ("job_id", "n", "backend", "prompt_id", "state", "started_us", "ended_us", "error", "step")
 

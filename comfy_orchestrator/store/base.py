@@ -119,6 +119,11 @@ class JobStore(Protocol):
         """The output's bytes, streamed; raises ``OutputNotFound`` before the first chunk."""
         ...
 
+    def read_output(self, output: OutputRecord, *, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes of an output already looked up (``get_output``), streamed; FileNotFoundError
+        at the first chunk when its file is gone."""
+        ...
+
     # -- the workers' side ---------------------------------------------------------------------
 
     async def claim_next(self, worker_id: str, *, lease_s: float) -> JobRecord | None:

@@ -24,7 +24,6 @@ sequence numbers are handed out in commit order.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import logging
 import sqlite3
@@ -60,7 +59,6 @@ log = logging.getLogger(__name__)
 
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
 _MAX_PAGE = 1000
-_OUTPUT_CACHE = 1024  # output records of ended jobs kept in memory
 
 
 class SQLiteJobStore:
@@ -90,10 +88,6 @@ class SQLiteJobStore:
         self.busy_timeout = busy_timeout
         self._clock = clock
         self._db = Database(self.path, synchronous=synchronous, busy_timeout=busy_timeout)
-        # (tenant, job id, name) → the output of a job that had ended when it was read: recording
-        # refuses outputs for ended jobs, so these never change (a download asks twice: the
-        # service's route, then ``open_output``)
-        self._final_outputs: collections.OrderedDict[tuple[str, str, str], OutputRecord] = collections.OrderedDict()
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -194,20 +188,8 @@ class SQLiteJobStore:
         return int(found[0][0] or 0)
 
     async def get_output(self, tenant: str, job_id: str, name: str) -> OutputRecord | None:
-        key = (tenant, job_id, name)
-        record = self._final_outputs.get(key)
-        if record is not None:
-            self._final_outputs.move_to_end(key)
-            return record
         found = await self._db.fetch(ops.OUTPUTS_SQL + " AND o.name = ?", (job_id, tenant, name))
-        if not found:
-            return None
-        record = rows.output_from(found[0], self.blobs.path(found[0]["sha256"]))
-        if JobState(found[0]["job_state"]).final:  # no output of an ended job changes again: keep it
-            self._final_outputs[key] = record
-            if len(self._final_outputs) > _OUTPUT_CACHE:
-                self._final_outputs.popitem(last=False)
-        return record
+        return rows.output_from(found[0], self.blobs.path(found[0]["sha256"])) if found else None
 
     async def list_outputs(self, tenant: str, job_id: str) -> list[OutputRecord]:
         found = await self._db.fetch(ops.OUTPUTS_SQL + " ORDER BY o.created_us, o.name", (job_id, tenant))
@@ -219,7 +201,10 @@ class SQLiteJobStore:
         record = await self.get_output(tenant, job_id, name)
         if record is None:
             raise OutputNotFound(job_id, name)
-        return self.blobs.read(record.sha256, chunk_size=chunk_size)
+        return self.read_output(record, chunk_size=chunk_size)
+
+    def read_output(self, output: OutputRecord, *, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        return self.blobs.read(output.sha256, chunk_size=chunk_size)
 
     # -- the workers' side ---------------------------------------------------------------------
 
