@@ -103,7 +103,8 @@ class JobRunner:
         prompt_id = str(uuid.uuid4())
         log.info("job %s: attempt %d on %s (prompt %s)", job.id, number, backend.name, prompt_id)
         try:
-            # Awaited before the prompt is submitted: a listener can persist the prompt id first.
+            # Awaited before the prompt is submitted: a listener can persist the prompt id first, or
+            # raise JobCancelled (the job is gone) so that it is never submitted.
             await self.emit(job, EventKind.DISPATCHED, backend=backend.name, attempt=number, prompt_id=prompt_id)
             stored = await backend.put_uploads(job.uploads) if job.uploads else {}
             nodes = rewrite_inputs(job.nodes, stored) if stored else job.nodes
@@ -205,6 +206,11 @@ class JobRunner:
             outcome = job.on_event(event)
             if inspect.isawaitable(outcome):
                 await outcome
+        except JobCancelled:
+            if kind is EventKind.DISPATCHED:  # the listener found the job gone: its prompt is never submitted
+                log.info("job %s: cancelled before its prompt %s was submitted", job.id, fields.get("prompt_id"))
+                raise
+            log.exception("on_event of job %s failed on %s", job.id, kind)
         except Exception:
             log.exception("on_event of job %s failed on %s", job.id, kind)
 

@@ -43,9 +43,10 @@ from comfy_orchestrator.pipelines.checks import evaluator_problems
 from comfy_orchestrator.pipelines.contact_sheet import SheetCell, render_sheet
 from comfy_orchestrator.pool import EventKind as PoolEventKind
 from comfy_orchestrator.pool import Pool, PoolEvent, PoolResult
+from comfy_orchestrator.service.attempts import record_dispatch
 from comfy_orchestrator.service.errors import ApiError
 from comfy_orchestrator.service.settings import QualitySettings
-from comfy_orchestrator.store import AttemptState, JobRecord, JobStore, OutputRecord, StepState, StoreError
+from comfy_orchestrator.store import AttemptState, JobRecord, JobStore, OutputRecord, StepState
 
 __all__ = ["GRID_OUTPUT", "EvaluatorSource", "PipelineJobs", "check_pipeline", "with_default_cache"]
 
@@ -213,13 +214,8 @@ class PipelineJobs:
 
         async def hook(event: PoolEvent) -> None:
             if event.kind is PoolEventKind.DISPATCHED:
-                if event.backend is not None and event.prompt_id is not None:
-                    try:
-                        attempt = await self.store.start_attempt(job.id, event.backend, event.prompt_id,
-                                                                 step=event.labels.get("step"))
-                    except StoreError as exc:  # cancelled meanwhile: the lease keeper cancels its prompts
-                        log.info("job %s: attempt on %s not recorded: %s", job.id, event.backend, exc)
-                        return
+                attempt = await record_dispatch(self.store, job.id, event, step=event.labels.get("step"))
+                if attempt is not None:  # JobCancelled (raised): never submitted
                     open_attempts[event.job_id] = attempt.n
                 return
             ended = _ATTEMPT_ENDS.get(event.kind)

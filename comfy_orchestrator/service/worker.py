@@ -30,6 +30,7 @@ from comfy_orchestrator.errors import BackendError, ComfyOrchestratorError, Comf
 from comfy_orchestrator.graph import Template
 from comfy_orchestrator.pipelines import PipelineAborted
 from comfy_orchestrator.pool import EventKind, Pool, PoolEvent, PoolResult
+from comfy_orchestrator.service.attempts import record_dispatch
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.errors import ApiError
 from comfy_orchestrator.service.inputs import InputStore, load_uploads
@@ -43,7 +44,6 @@ from comfy_orchestrator.store import (
     JobRecord,
     JobStore,
     OutputRecord,
-    StoreError,
     collect_outputs,
     error_info,
 )
@@ -245,8 +245,8 @@ class Worker:
             nonlocal last_progress
             data: dict[str, Any] = {"backend": event.backend, "attempt": event.attempt}
             if event.kind is EventKind.DISPATCHED:
-                if event.backend is not None and event.prompt_id is not None:
-                    await self._start_attempt(job, event.backend, event.prompt_id, event.labels.get("step"))
+                await record_dispatch(self.store, job.id, event)  # JobCancelled: never submitted
+                self.notifier.notify()
                 return
             if event.kind is EventKind.PROGRESS:
                 now = time.monotonic()
@@ -265,9 +265,4 @@ class Worker:
 
         return record
 
-    async def _start_attempt(self, job: JobRecord, backend: str, prompt_id: str, step: str | None) -> None:
-        try:
-            await self.store.start_attempt(job.id, backend, prompt_id, step=step)
-        except StoreError as exc:  # cancelled meanwhile: the lease keeper cancels it on the pool
-            log.info("job %s: attempt on %s not recorded: %s", job.id, backend, exc)
-        self.notifier.notify()
+

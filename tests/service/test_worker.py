@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from comfy_orchestrator.pool import EventKind, Pool, PoolEvent
+import pytest
+
+from comfy_orchestrator.errors import JobCancelled
+from comfy_orchestrator.graph import Graph
+from comfy_orchestrator.pool import BackendConfig, EventKind, Pool, PoolEvent
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.worker import PROGRESS_INTERVAL_S, Worker
 from comfy_orchestrator.store import SQLiteJobStore
+from comfy_orchestrator.testing import FakeComfyUI
+from tests.service.conftest import ops_graph
 
 
 async def test_progress_is_coalesced_and_dispatch_records_an_attempt(tmp_path: Path) -> None:
@@ -31,3 +37,22 @@ async def test_progress_is_coalesced_and_dispatch_records_an_attempt(tmp_path: P
         assert [e.data["fraction"] for e in events[1:]] == [0.0, 1.0]
         [attempt] = await store.list_attempts(job.id)
         assert (attempt.backend, attempt.prompt_id) == ("gpu", "p-1")
+
+
+async def test_a_job_cancelled_before_its_prompt_is_submitted_never_reaches_the_backend(tmp_path: Path) -> None:
+    """The tenant's cancel lands between the claim and the dispatch (in this process or another):
+    recording the attempt fails, so the pool never submits the prompt, and nothing waits for a lease."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
+            FakeComfyUI(name="fake-0") as fake:
+        graph = ops_graph(color=0x123456, width=8, height=8, scale_by=1.0, blur_radius=1)
+        await store.create_job("acme", "graph", graph)
+        job = await store.claim_next("w", lease_s=60)
+        assert job is not None
+        assert await store.cancel_job("acme", job.id)
+        async with Pool([BackendConfig("gpu-0", fake.url)]) as pool:
+            worker = Worker(store, pool, BackendClients([]), {}, Notifier(), worker_id="w", lease_s=60)
+            with pytest.raises(JobCancelled, match="not submitted"):
+                await pool.run(Graph.from_dict(graph), job_id=job.id, on_event=worker.recorder(job))
+        assert fake.history == {}
+        assert fake.queue_remaining == 0
+        assert await store.list_attempts(job.id) == []
