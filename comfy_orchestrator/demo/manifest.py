@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from comfy_orchestrator._files import write_atomically
 from comfy_orchestrator.client import ComfyClient
 from comfy_orchestrator.errors import ComfyOrchestratorError
 from comfy_orchestrator.pipelines import Artifact, JobOutcome, LoopAttempt, PipelineResult
@@ -180,6 +181,4 @@ def _slug(text: str) -> str:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write atomically: a reader never sees half a manifest."""
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    partial.replace(path)
+    write_atomically(path, json.dumps(data, indent=2, default=str))

@@ -30,6 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from comfy_orchestrator._files import write_atomically
 from comfy_orchestrator.graph import Template, content_hash, load_templates
 from comfy_orchestrator.pipelines.cache import DiskCache
 from comfy_orchestrator.pipelines.cells import MANIFEST_FORMAT, Cell, CellRecord, ComparisonSpec
@@ -264,16 +265,9 @@ class ComparisonRun:
         return pd.DataFrame(rows)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-
-
 def _fold_journal(path: Path, text: str, journal: Path) -> None:
     # In this order: a crash between the two leaves a journal that repeats the manifest, harmlessly.
-    _write_atomically(path, text)
+    write_atomically(path, text)
     journal.unlink(missing_ok=True)
 
 

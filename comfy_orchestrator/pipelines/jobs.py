@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from comfy_orchestrator._files import write_atomically
 from comfy_orchestrator.config import Timings
 from comfy_orchestrator.errors import ComfyOrchestratorError
 from comfy_orchestrator.graph import Graph, content_hash
@@ -192,22 +193,14 @@ def _save(target: Path, job: Job, record: Mapping[str, Any], images: Sequence[tu
     target.mkdir(parents=True, exist_ok=True)
     names = _names(job, [name for name, _ in images])
     for name, (_, data) in zip(names, images, strict=True):
-        _write_atomically(target / name, data)
+        write_atomically(target / name, data)
     _write_record(target, job, {**record, "images": names})
     return _artifacts(target, job, record, names, cached=False)
 
 
 def _write_record(target: Path, job: Job, record: Mapping[str, Any]) -> None:
     text = json.dumps(record, indent=2, sort_keys=True, default=str)
-    _write_atomically(target / f"{job.key[:16]}.json", text.encode())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a unique temporary name, then rename: two jobs with the same key (and readers) never
-    see half a file."""
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    partial.write_bytes(data)
-    partial.replace(path)
+    write_atomically(target / f"{job.key[:16]}.json", text.encode())
 
 
 def _existing(target: Path, job: Job) -> list[Artifact] | None:
@@ -228,7 +221,7 @@ def _from_cache(cache: DiskCache, target: Path, job: Job) -> list[Artifact] | No
     target.mkdir(parents=True, exist_ok=True)
     names = _names(job, [path.name for path in entry.images])
     for name, source in zip(names, entry.images, strict=True):
-        _write_atomically(target / name, source.read_bytes())
+        write_atomically(target / name, source.read_bytes())
     record = {**_record(job, entry.record.get("job_id"), entry.record.get("backend"), None), "images": names,
               "cached_from": str(cache.path_for(job.key))}
     _write_record(target, job, record)

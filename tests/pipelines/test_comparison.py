@@ -213,13 +213,13 @@ async def test_the_manifest_is_not_rewritten_per_cell(
     cluster: Cluster, templates: dict[str, Template], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rewrites: list[Path] = []
-    write = comparison._write_atomically
+    write = comparison.write_atomically
 
     def counted(path: Path, text: str) -> None:
         rewrites.append(path)
         write(path, text)
 
-    monkeypatch.setattr(comparison, "_write_atomically", counted)
+    monkeypatch.setattr(comparison, "write_atomically", counted)
     run = ComparisonRun(tmp_path / "cmp", grid(), templates=templates)
     await run.run(cluster.pool, progress=False)
     # a whole rewrite per finished cell is quadratic in the grid: a run writes it a fixed number of times
@@ -231,7 +231,7 @@ async def test_the_manifest_is_not_rewritten_per_cell(
 async def test_a_run_that_dies_before_its_last_manifest_write_loses_no_finished_cell(
     cluster: Cluster, templates: dict[str, Template], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write = comparison._write_atomically
+    write = comparison.write_atomically
     writes = 0
 
     class Died(Exception):
@@ -244,7 +244,7 @@ async def test_a_run_that_dies_before_its_last_manifest_write_loses_no_finished_
             raise Died
         write(path, text)
 
-    monkeypatch.setattr(comparison, "_write_atomically", dies_after_the_first)
+    monkeypatch.setattr(comparison, "write_atomically", dies_after_the_first)
     run = ComparisonRun(tmp_path / "cmp", grid(), templates=templates)
     with pytest.raises(Died):
         await run.run(cluster.pool, progress=False)
