@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from comfy_orchestrator._backoff import backoff_delay
 from comfy_orchestrator.config import Timeouts
 
 __all__ = ["BackendConfig", "PoolSettings"]
@@ -85,5 +86,5 @@ class PoolSettings:
 
     def backoff(self, retry: int, random: float) -> float:
         """The wait before retry number ``retry`` (1 for the first), ``random`` uniform in [0, 1)."""
-        base = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, retry - 1))
-        return max(0.0, base * (1 - self.backoff_jitter + 2 * self.backoff_jitter * random))
+        return backoff_delay(retry, initial=self.backoff_initial, maximum=self.backoff_max,
+                             jitter=self.backoff_jitter, random=random)

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from comfy_orchestrator._backoff import backoff_delay
 from comfy_orchestrator.errors import ClientClosed, ProtocolError
 from comfy_orchestrator.remote.errors import (
     ServiceError,
@@ -247,8 +248,8 @@ class ServiceClient:
         followed, forever (break out, or use ``wait``). A dropped socket is reopened from the last
         ``seq`` seen.
 
-        Between tries it waits a jittered exponential backoff: a random time between half and all
-        of ``backoff`` seconds doubled per failed try in a row, at most ``max_backoff``. A try
+        Between tries it waits a jittered exponential backoff: ``backoff`` seconds doubled per failed
+        try in a row, scaled by a random factor between 0.5 and 1.5, at most ``max_backoff``. A try
         fails when the socket cannot be opened, or opens and closes without a new event (a server
         that accepts and hangs up at once); one that delivers an event, or stayed open longer than
         ``max_backoff`` (a quiet job, a proxy that limits how long a connection lives), resets the count. After
@@ -297,8 +298,8 @@ class ServiceClient:
                     f"the event socket of {self.base_url} failed {failures} times in a row without an event "
                     f"(last: {problem}); gave up after {reconnects} reconnects")
             # Jittered, so that the clients of a restarted service do not all come back at once.
-            delay = min(max_backoff, backoff * 2 ** min(max(failures - 1, 0), 30))
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(backoff_delay(failures, initial=backoff, maximum=max_backoff, jitter=0.5,
+                                              random=random.random()))
 
     async def wait(self, job_id: str, *, on_event: EventCallback | None = None) -> JobInfo:
         """Follow the job's events (from its first, through ``on_event``, which may be async) until it

@@ -30,10 +30,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from comfy_orchestrator._backoff import RestartBackoff
 from comfy_orchestrator.local import LocalComfyUI, LocalComfyUIConfig, LocalComfyUIError, find_comfyui_dir
 from comfy_orchestrator.pool import BackendConfig, Pool
 from comfy_orchestrator.service.backends import BackendClients
-from comfy_orchestrator.service.restarts import RestartBackoff
 from comfy_orchestrator.service.settings import ManagedSettings
 
 __all__ = [

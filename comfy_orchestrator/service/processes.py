@@ -38,8 +38,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from comfy_orchestrator._backoff import RestartBackoff
 from comfy_orchestrator._child import ChildProcess, http_url
-from comfy_orchestrator.service.restarts import RestartBackoff
 
 __all__ = ["ProcessRole", "run_processes"]
 

@@ -125,7 +125,7 @@ async def test_events_give_up_on_a_socket_that_is_accepted_and_closed_at_once() 
     assert len(opened) == 4  # the first try and 3 reconnects
     assert "without an event" in str(caught.value)
     gaps = [b - a for a, b in itertools.pairwise(opened)]
-    # jittered exponential: each wait is between half and all of 0.05 s doubled per try, capped at 0.2 s
+    # jittered exponential: each wait is 0.05 s doubled per try, times 0.5 to 1.5, capped at 0.2 s
     for gap, nominal in zip(gaps, (0.05, 0.1, 0.2), strict=True):
         assert gap >= nominal / 2
     assert elapsed >= sum((0.05, 0.1, 0.2)) / 2
