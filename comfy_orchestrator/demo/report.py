@@ -8,12 +8,9 @@ report says nothing the manifest does not.
 from __future__ import annotations
 
 import html
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from comfy_orchestrator.pipelines.contact_sheet import SheetCell, render_sheet
 
@@ -58,43 +55,28 @@ def _is_winner(manifest: Mapping[str, Any], cell: Mapping[str, Any]) -> bool:
 
 def write_contact_sheet(manifest: Mapping[str, Any], out: Path, *, thumb: int = THUMB) -> dict[str, Any]:
     """Render models × (prompts × seeds) with the score under each image; returns where and how big.
-    Images smaller than ``thumb`` are enlarged by a whole factor, pixels kept sharp."""
+    Images smaller than ``thumb`` are enlarged by a whole factor, pixels kept sharp (``render_sheet``)."""
     columns = _columns(manifest)
-    with tempfile.TemporaryDirectory(prefix="comfy-orch-sheet-") as scratch:
-        grid = []
-        for r, model in enumerate(manifest["models"]):
-            row = []
-            for c, (prompt, seed) in enumerate(columns):
-                cell = _cell_at(manifest, model, prompt, seed)
-                if cell is None or cell["score"] is None:
-                    row.append(SheetCell(None, "failed" if cell is not None else "missing"))
-                    continue
-                verdict = "pass" if cell["passed"] else "below"
-                tries = len(cell["attempts"])
-                caption = f"{cell['score']:.3f} {verdict}" + (" WINNER" if _is_winner(manifest, cell) else "")
-                image = _enlarged(out / cell["image"], Path(scratch) / f"{r}-{c}.png", thumb)
-                row.append(SheetCell(image, f"{caption}\n{tries} attempt{'s' * (tries != 1)}"))
-            grid.append(row)
-        title = f"CLIP {manifest['clip']['model']}, threshold {manifest['threshold']:g}"
-        labels = [Path(model).stem for model in manifest["models"]]
-        sheet = render_sheet(labels, [column_label(p, s, manifest["seeds"]) for p, s in columns], grid,
-                             thumb=thumb, title=title)
+    grid = []
+    for model in manifest["models"]:
+        row = []
+        for prompt, seed in columns:
+            cell = _cell_at(manifest, model, prompt, seed)
+            if cell is None or cell["score"] is None:
+                row.append(SheetCell(None, "failed" if cell is not None else "missing"))
+                continue
+            verdict = "pass" if cell["passed"] else "below"
+            tries = len(cell["attempts"])
+            caption = f"{cell['score']:.3f} {verdict}" + (" WINNER" if _is_winner(manifest, cell) else "")
+            row.append(SheetCell(out / cell["image"], f"{caption}\n{tries} attempt{'s' * (tries != 1)}"))
+        grid.append(row)
+    title = f"CLIP {manifest['clip']['model']}, threshold {manifest['threshold']:g}"
+    labels = [Path(model).stem for model in manifest["models"]]
+    sheet = render_sheet(labels, [column_label(p, s, manifest["seeds"]) for p, s in columns], grid,
+                         thumb=thumb, title=title)
     sheet.save(out / CONTACT_SHEET)
     return {"path": CONTACT_SHEET, "width": sheet.width, "height": sheet.height, "thumb": thumb,
             "rows": len(manifest["models"]), "columns": len(columns)}
-
-
-def _enlarged(source: Path, target: Path, thumb: int) -> Path:
-    """``source`` itself when it fills ``thumb``, else a copy enlarged by a whole factor (nearest)."""
-    if not source.is_file():
-        return source
-    with Image.open(source) as image:
-        factor = thumb // max(image.width, image.height)
-        if factor < 2:
-            return source
-        image.convert("RGB").resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST
-                                    ).save(target)
-    return target
 
 
 # -- the HTML report ------------------------------------------------------------------------------------

@@ -63,6 +63,9 @@ def _paste(sheet: Image.Image, draw: ImageDraw.ImageDraw, path: Path | None, at:
     if path is not None and path.is_file():
         with Image.open(path) as image:
             small = image.convert("RGB")
+        factor = size // max(small.width, small.height)
+        if factor >= 2:  # a small image (a tiny model's, a preview): enlarged by a whole factor, pixels kept sharp
+            small = small.resize((small.width * factor, small.height * factor), Image.Resampling.NEAREST)
         small.thumbnail((size, size))
         sheet.paste(small, (at[0] + (size - small.width) // 2, at[1] + (size - small.height) // 2))
     else:
