@@ -16,6 +16,7 @@ from rich.table import Table
 from comfy_orchestrator.cli import main
 from comfy_orchestrator.cli.run_command import parse_assignment
 from comfy_orchestrator.demo import REAL_BACKENDS_HELP, TINY_WARNING, Demo, DemoError, DemoResult, DemoSettings
+from comfy_orchestrator.demo.report import cell_at, column_label, grid_columns, is_winner
 from comfy_orchestrator.errors import BackendUnavailable, ComfyOrchestratorError
 from comfy_orchestrator.local import LocalComfyUIError
 from comfy_orchestrator.pipelines import EventKind, PipelineEvent, PipelineSpecError
@@ -58,20 +59,18 @@ def _grid(result: DemoResult) -> Table:
     table = Table(title=f"{manifest['clip']['model']} score (threshold {manifest['threshold']:g})",
                   title_justify="left")
     table.add_column("model")
-    columns = [(p, s) for p in manifest["prompts"] for s in manifest["seeds"]]
+    columns = grid_columns(manifest)
     for prompt, seed in columns:
-        table.add_column(prompt if len(manifest["seeds"]) == 1 else f"{prompt}\nseed {seed}", justify="right")
-    winners = {w["image"] for w in manifest["winners"]}
+        table.add_column(column_label(prompt, seed, manifest["seeds"]), justify="right")
     for model in manifest["models"]:
         row = []
         for prompt, seed in columns:
-            cell = next(c for c in manifest["cells"]
-                        if c["model"] == model and c["prompt"] == prompt and c["seed"] == seed)
-            if cell["score"] is None:
+            cell = cell_at(manifest, model, prompt, seed)
+            if cell is None or cell["score"] is None:
                 row.append("[red]failed")
                 continue
             style = "green" if cell["passed"] else "yellow"
-            mark = " ★" if cell["image"] in winners else ""
+            mark = " ★" if is_winner(manifest, cell) else ""
             row.append(f"[{style}]{cell['score']:.3f}[/] ({len(cell['attempts'])}){mark}")
         table.add_row(Path(model).stem, *row)
     return table

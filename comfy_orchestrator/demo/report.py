@@ -40,34 +40,37 @@ def column_label(prompt: str, seed: int, seeds: Sequence[int]) -> str:
     return prompt if len(seeds) <= 1 else f"{prompt}\nseed {seed}"
 
 
-def _cell_at(manifest: Mapping[str, Any], model: str, prompt: str, seed: int) -> Mapping[str, Any] | None:
+def cell_at(manifest: Mapping[str, Any], model: str, prompt: str, seed: int) -> Mapping[str, Any] | None:
+    """The manifest's cell of ``model`` × ``prompt`` × ``seed``, if it has one."""
     return next((c for c in manifest["cells"]
                  if c["model"] == model and c["prompt"] == prompt and c["seed"] == seed), None)
 
 
-def _columns(manifest: Mapping[str, Any]) -> list[tuple[str, int]]:
+def grid_columns(manifest: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """The grid's columns, in order: (prompt, seed)."""
     return [(prompt, seed) for prompt in manifest["prompts"] for seed in manifest["seeds"]]
 
 
-def _is_winner(manifest: Mapping[str, Any], cell: Mapping[str, Any]) -> bool:
+def is_winner(manifest: Mapping[str, Any], cell: Mapping[str, Any]) -> bool:
+    """Whether ``cell``'s image is one of the winners the demo upscaled."""
     return cell.get("image") is not None and any(w["image"] == cell["image"] for w in manifest["winners"])
 
 
 def write_contact_sheet(manifest: Mapping[str, Any], out: Path, *, thumb: int = THUMB) -> dict[str, Any]:
     """Render models × (prompts × seeds) with the score under each image; returns where and how big.
     Images smaller than ``thumb`` are enlarged by a whole factor, pixels kept sharp (``render_sheet``)."""
-    columns = _columns(manifest)
+    columns = grid_columns(manifest)
     grid = []
     for model in manifest["models"]:
         row = []
         for prompt, seed in columns:
-            cell = _cell_at(manifest, model, prompt, seed)
+            cell = cell_at(manifest, model, prompt, seed)
             if cell is None or cell["score"] is None:
                 row.append(SheetCell(None, "failed" if cell is not None else "missing"))
                 continue
             verdict = "pass" if cell["passed"] else "below"
             tries = len(cell["attempts"])
-            caption = f"{cell['score']:.3f} {verdict}" + (" WINNER" if _is_winner(manifest, cell) else "")
+            caption = f"{cell['score']:.3f} {verdict}" + (" WINNER" if is_winner(manifest, cell) else "")
             row.append(SheetCell(out / cell["image"], f"{caption}\n{tries} attempt{'s' * (tries != 1)}"))
         grid.append(row)
     title = f"CLIP {manifest['clip']['model']}, threshold {manifest['threshold']:g}"
@@ -132,18 +135,18 @@ def write_report(manifest: Mapping[str, Any], out: Path) -> Path:
 
 def _grid(manifest: Mapping[str, Any]) -> list[str]:
     sheet = manifest["outputs"].get("contact_sheet") or {"path": CONTACT_SHEET}
-    columns = _columns(manifest)
+    columns = grid_columns(manifest)
     head = "".join(f"<th>{_e(column_label(p, s, manifest['seeds']))}</th>" for p, s in columns)
     rows = []
     for model in manifest["models"]:
         tds = []
         for prompt, seed in columns:
-            cell = _cell_at(manifest, model, prompt, seed)
+            cell = cell_at(manifest, model, prompt, seed)
             if cell is None:
                 tds.append("<td>missing</td>")
                 continue
             verdict = "pass" if cell["passed"] else "below"
-            winner = " winner" if _is_winner(manifest, cell) else ""
+            winner = " winner" if is_winner(manifest, cell) else ""
             tds.append(f"<td class='num score {verdict}{winner}' data-model='{_e(model)}' data-prompt='{_e(prompt)}' "
                        f"data-seed='{seed}' data-attempts='{len(cell['attempts'])}'>{_num(cell['score'])}</td>")
         rows.append(f"<tr><th>{_e(model)}</th>{''.join(tds)}</tr>")
