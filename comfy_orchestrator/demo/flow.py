@@ -24,10 +24,10 @@ from typing import Any
 
 from comfy_orchestrator.demo.manifest import backend_info, build_manifest, write_json
 from comfy_orchestrator.demo.report import write_contact_sheet, write_report
-from comfy_orchestrator.demo.settings import DemoSettings
-from comfy_orchestrator.demo.tiny import prepare_tiny_base
+from comfy_orchestrator.demo.settings import LOCAL_MODELS, DemoSettings
 from comfy_orchestrator.errors import BackendUnavailable, ComfyOrchestratorError
 from comfy_orchestrator.graph import Template, load_templates
+from comfy_orchestrator.notebook import prepare_tiny_models
 from comfy_orchestrator.pipelines import (
     EscalationAction,
     EscalationPolicy,
@@ -223,7 +223,7 @@ class Demo:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="comfy-orch-demo-")))
         stage("writing the tiny random-weight models")
         t0 = time.monotonic()
-        await asyncio.to_thread(prepare_tiny_base, base)
+        await asyncio.to_thread(prepare_tiny_models, base, variants=len(LOCAL_MODELS) - 1)
         timings["models_s"] = time.monotonic() - t0
         stage(f"starting a local CPU ComfyUI from {comfy_dir}")
         t0 = time.monotonic()

@@ -30,7 +30,11 @@ __all__ = [
 DEFAULT_PROMPTS = ("a red circle", "a blue square")
 # Three tiny UNets of one architecture, each from its own random seed: the notebooks' first three.
 LOCAL_MODELS: tuple[str, ...] = tuple(tiny_unet_names(2))
-LOCAL_TEMPLATE = "cpu_tiny_prompt_txt2img"  # the tiny UNet graph with a prompt node that feeds nothing
+# The tiny UNet's text conditioning is LotusConditioning, a fixed embedding: no text encoder, so the
+# prompt cannot steer the picture. The template adds a Prompt node (a PrimitiveStringMultiline that
+# feeds nothing) so that each graph carries the prompt it is scored against: ComfyUI stores it in its
+# history and the PNG's metadata, and the graph's content hash (the cache key) differs per prompt.
+LOCAL_TEMPLATE = "cpu_tiny_prompt_txt2img"
 LOCAL_UPSCALE_TEMPLATE = "cpu_tiny_upscale"
 LOCAL_UPSCALER = "tiny_compact_x2.safetensors"
 LOCAL_STEPS = 4
