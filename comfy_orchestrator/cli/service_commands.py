@@ -191,24 +191,22 @@ def _request(target: str, assignments: list[tuple[str, Any]]) -> dict[str, Any]:
         if target.endswith((".json", ".yaml", ".yml")):
             raise GraphError(f"{target}: no such file")
         return {"template": target, "params": dict(assignments)}
-    if path.suffix.lower() in (".yaml", ".yml") or _is_pipeline(path):
-        if assignments:
-            raise GraphError(f"{target} is a pipeline spec: --set applies to graphs and templates")
-        return {"pipeline": PipelineSpec.load(path).model_dump(mode="json", exclude_defaults=True)}
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return _pipeline(target, PipelineSpec.load(path), assignments)
     try:
         raw = json.loads(path.read_text())
     except ValueError as exc:
         raise GraphError(f"{path} is not JSON: {exc}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("steps"), list):  # a pipeline spec in JSON
+        return _pipeline(target, PipelineSpec.from_dict(raw, source=str(path)), assignments)
     graph, _name = bind_graph(raw, assignments)
     return {"graph": graph.to_dict()}
 
 
-def _is_pipeline(path: Path) -> bool:
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError:
-        return False
-    return isinstance(raw, dict) and isinstance(raw.get("steps"), list)
+def _pipeline(target: str, spec: PipelineSpec, assignments: list[tuple[str, Any]]) -> dict[str, Any]:
+    if assignments:
+        raise GraphError(f"{target} is a pipeline spec: --set applies to graphs and templates")
+    return {"pipeline": spec.model_dump(mode="json", exclude_defaults=True)}
 
 
 @main.command()
