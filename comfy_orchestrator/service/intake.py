@@ -15,7 +15,7 @@ from comfy_orchestrator.graph import Graph, Template
 from comfy_orchestrator.service.errors import ApiError
 from comfy_orchestrator.service.pipeline_jobs import with_default_cache
 from comfy_orchestrator.service.settings import LimitSettings
-from comfy_orchestrator.store import JobKind
+from comfy_orchestrator.store import JobKind, is_sha256
 
 __all__ = ["JobRequest", "build_graph", "check_limits", "job_inputs", "pixels_of"]
 
@@ -66,7 +66,6 @@ class JobRequest(BaseModel):
 
 
 _INPUT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}")
-_INPUT_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def _check_inputs(request: JobRequest) -> None:
@@ -76,7 +75,7 @@ def _check_inputs(request: JobRequest) -> None:
         if not _INPUT_NAME.fullmatch(name) or ".." in name:
             raise ValueError(f"inputs: {name[:80]!r} is not a plain file name (letters, digits, _ . - and space, "
                              "at most 128, no path)")
-        if not _INPUT_ID.fullmatch(input_id):
+        if not is_sha256(input_id):
             raise ValueError(f"inputs.{name}: {input_id[:80]!r} is not an input id from POST /v1/inputs")
     if request.inputs and request.graph is not None and not all(
             isinstance(node, Mapping) and "class_type" in node for node in request.graph.values()):

@@ -76,11 +76,12 @@ async def submit(request: web.Request) -> web.Response:
     if key is not None and not 1 <= len(key) <= 200:
         raise ApiError(400, "InvalidIdempotencyKey", "Idempotency-Key must be 1 to 200 characters")
     templates = app[TEMPLATES]
+    spec = job_request.spec()  # what is kept and compared for idempotency
     if job_request.kind is JobKind.PIPELINE:
-        check_pipeline(job_request.spec(), templates, has_evaluator=app[PIPELINES].evaluators.configured)
+        check_pipeline(spec, templates, has_evaluator=app[PIPELINES].evaluators.configured)
         nodes = 0
     else:
-        graph = build_graph(job_request.kind, job_request.spec(), templates)
+        graph = build_graph(job_request.kind, spec, templates)
         check_limits(graph, settings.limits)
         check_image_names(graph)
         await check_inputs(app[INPUTS], tenant, job_request.inputs)
@@ -88,7 +89,7 @@ async def submit(request: web.Request) -> web.Response:
         nodes = len(graph)
     try:
         job, created = await app[STORE].create_job(
-            tenant, job_request.kind, job_request.spec(), idempotency_key=key, labels=job_request.labels,
+            tenant, job_request.kind, spec, idempotency_key=key, labels=job_request.labels,
             max_active=settings.limits.max_queued_per_tenant,
         )
     except IdempotencyConflict as exc:

@@ -13,7 +13,7 @@
 
 from comfy_orchestrator.store._codec import body_hash, error_info
 from comfy_orchestrator.store.base import JobStore
-from comfy_orchestrator.store.blobs import Blob, BlobStore
+from comfy_orchestrator.store.blobs import Blob, BlobStore, is_sha256
 from comfy_orchestrator.store.errors import (
     IdempotencyConflict,
     InvalidCursor,
@@ -82,6 +82,7 @@ __all__ = [
     "body_hash",
     "collect_outputs",
     "error_info",
+    "is_sha256",
     "reconcile_job",
     "reconcile_running",
     "requeue_lost",

@@ -21,11 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Blob", "BlobStore"]
+__all__ = ["Blob", "BlobStore", "is_sha256"]
 
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text: str) -> bool:
+    """Whether ``text`` is a content address: 64 lowercase hex digits."""
+    return _SHA256.fullmatch(text) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +52,7 @@ class BlobStore:
         self._folders: set[Path] = set()  # <root>/<xx> folders known to exist
 
     def path(self, sha256: str) -> Path:
-        if not _SHA256.fullmatch(sha256):
+        if not is_sha256(sha256):
             raise ValueError(f"not a lowercase hex SHA-256: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
