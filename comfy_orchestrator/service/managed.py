@@ -169,6 +169,8 @@ class Supervisor:
         self._pool, self._clients = pool, clients
         self.base_dir = (settings.base_dir if settings and settings.base_dir else default_base_dir).expanduser()
         self._rng = rng or random.Random()
+        self._restarts = None if settings is None else RestartBackoff(
+            settings.restart_backoff_min, settings.restart_backoff_max, settings.healthy_reset_s, jitter=_JITTER)
         self._managed: dict[str, _Managed] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -285,20 +287,10 @@ class Supervisor:
         managed.admitted = True
         log.info("managed backend %s (pid %s) joined the pool at %s", config.name, managed.process.pid, config.url)
 
-    def _delay(self, failures: int) -> float:
-        settings = self.settings
-        assert settings is not None
-        return self._backoff(settings).delay(failures, self._rng)
-
-    @staticmethod
-    def _backoff(settings: ManagedSettings) -> RestartBackoff:
-        return RestartBackoff(settings.restart_backoff_min, settings.restart_backoff_max, settings.healthy_reset_s,
-                              jitter=_JITTER)
-
     async def _supervise(self, managed: _Managed) -> None:
         """Wait for the process to exit, restart it after a backoff; for ever (until cancelled)."""
-        settings = self.settings
-        assert settings is not None
+        restarts = self._restarts
+        assert restarts is not None
         name, process = managed.slot.name, managed.process
         failures = 0 if process.running else 1  # consecutive exits / failed starts, for the backoff
         while True:
@@ -306,15 +298,14 @@ class Supervisor:
                 up_since, pid = time.monotonic(), process.pid
                 await process.wait()
                 uptime = time.monotonic() - up_since
-                failures = self._backoff(settings).failures_after(failures, uptime)
+                failures = restarts.failures_after(failures, uptime)
                 managed.last_exit = process.returncode
-                managed.state = ManagedState.BACKOFF
-                delay = self._delay(failures)
+                delay = restarts.delay(failures, self._rng)
                 log.error("managed backend %s: ComfyUI pid %s exited with code %s after %.0f s; restarting it in "
                           "%.1f s. Last lines of %s:\n%s", name, pid, process.returncode, uptime, delay,
                           process.log_path, process.log_tail())
             else:
-                delay = self._delay(failures)
+                delay = restarts.delay(failures, self._rng)
                 log.info("managed backend %s: next start in %.1f s", name, delay)
             managed.state = ManagedState.BACKOFF
             await asyncio.sleep(delay)
