@@ -50,15 +50,6 @@ class BackendClients(Mapping[str, ComfyClient]):
             raise ValueError(f"there is already a client for backend {config.name!r}")
         self._clients[config.name] = ComfyClient(config.url, headers=config.headers)
 
-    async def remove(self, name: str) -> None:
-        """Forget ``name`` and close its client (a no-op for an unknown name). It is taken out of the
-        mapping before the close is awaited, so no caller picks it up half-closed."""
-        client = self._clients.pop(name, None)
-        self._fetched.pop(name, None)
-        self._capabilities.pop(name, None)
-        if client is not None:
-            await client.close()
-
     async def close(self) -> None:
         await asyncio.gather(*(client.close() for client in self._clients.values()))
 

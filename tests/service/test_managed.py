@@ -347,18 +347,12 @@ def test_serve_whose_managed_processes_all_fail_says_so(tmp_path: Path, fake_tre
     assert "Traceback" not in done.stderr
 
 
-async def test_backend_clients_take_and_drop_a_backend_at_run_time() -> None:
+async def test_backend_clients_take_a_backend_at_run_time() -> None:
     async with FakeComfyUI() as fake:
         clients = BackendClients([])
         clients.add(BackendConfig("local-0", fake.url))
         with pytest.raises(ValueError, match="already a client"):
             clients.add(BackendConfig("local-0", fake.url))
         assert "EmptyImage" in await clients.object_info("local-0")
-        client = clients["local-0"]
-        await clients.remove("local-0")
-        assert "local-0" not in clients
-        assert len(clients) == 0
-        with pytest.raises(RuntimeError):
-            await client.object_info(refresh=True)  # closed
-        await clients.remove("local-0")  # unknown: a no-op
+        assert list(clients) == ["local-0"]
         await clients.close()
