@@ -123,20 +123,24 @@ class ManagedSettings(_Section):
         return self
 
 
+_POOL = PoolSettings()
+
+
 class PoolSectionSettings(_Section):
     """``[pool]``: how the pool checks backends and retries jobs (``comfy_orchestrator.pool.PoolSettings``)."""
 
-    health_interval: float = Field(default=5.0, gt=0)
-    health_timeout: float = Field(default=5.0, gt=0)
-    fail_threshold: int = Field(default=3, ge=1)
-    recover_threshold: int = Field(default=2, ge=1)
-    capabilities_refresh: float = Field(default=60.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1)
-    backoff_initial: float = Field(default=0.5, ge=0)
-    backoff_max: float = Field(default=10.0, ge=0)
-    backoff_jitter: float = Field(default=0.2, ge=0, lt=1)
-    breaker_failures: int = Field(default=5, ge=1)
-    breaker_reset: float = Field(default=30.0, gt=0)
+    # the pool's own defaults, so that the two cannot drift apart
+    health_interval: float = Field(default=_POOL.health_interval, gt=0)
+    health_timeout: float = Field(default=_POOL.health_timeout, gt=0)
+    fail_threshold: int = Field(default=_POOL.fail_threshold, ge=1)
+    recover_threshold: int = Field(default=_POOL.recover_threshold, ge=1)
+    capabilities_refresh: float = Field(default=_POOL.capabilities_refresh, gt=0)
+    max_attempts: int = Field(default=_POOL.max_attempts, ge=1)
+    backoff_initial: float = Field(default=_POOL.backoff_initial, ge=0)
+    backoff_max: float = Field(default=_POOL.backoff_max, ge=0)
+    backoff_jitter: float = Field(default=_POOL.backoff_jitter, ge=0, lt=1)
+    breaker_failures: int = Field(default=_POOL.breaker_failures, ge=1)
+    breaker_reset: float = Field(default=_POOL.breaker_reset, gt=0)
 
     def pool_settings(self) -> PoolSettings:
         return PoolSettings(**self.model_dump())
