@@ -29,7 +29,7 @@ from comfy_orchestrator.local import LocalComfyUIError, find_comfyui_dir
 from comfy_orchestrator.service import ServiceSettings, SettingsError, create_app
 from comfy_orchestrator.service.access_log import AccessLogger
 from comfy_orchestrator.service.app import drain
-from comfy_orchestrator.service.managed import ManagedBackendError, plan_slots, visible_gpus
+from comfy_orchestrator.service.managed import ManagedBackendError, visible_gpus
 from comfy_orchestrator.service.processes import ProcessRole, run_processes
 from comfy_orchestrator.service.settings import ManagedSettings
 
@@ -101,15 +101,9 @@ def _label_logs(label: str) -> None:
 
 def _with_local_default(settings: ServiceSettings, config_path: Path) -> ServiceSettings:
     """``settings``, with a ``[managed]`` default when it names no backend at all; raises ClickException
-    (what to do) when there is neither a backend nor a local ComfyUI, or ``[managed]`` cannot be run."""
-    if settings.managed is not None:
-        try:
-            find_comfyui_dir(settings.managed.comfyui_dir)
-            plan_slots(settings.managed)
-        except LocalComfyUIError as exc:
-            raise click.ClickException(f"{config_path}: [managed]: {exc}") from None
-        return settings
-    if settings.backends:
+    (what to do) when there is neither a backend nor a local ComfyUI. (A ``[managed]`` section that
+    cannot be run is refused when the service starts it: ``ManagedBackendError``.)"""
+    if settings.managed is not None or settings.backends:
         return settings
     try:
         comfy_dir = find_comfyui_dir()
@@ -123,7 +117,9 @@ def _with_local_default(settings: ServiceSettings, config_path: Path) -> Service
             "requirements), or point [managed] comfyui_dir (or $COMFYUI_DIR) at a ComfyUI checkout."
         ) from None
     gpus = visible_gpus()
-    managed = ManagedSettings(comfyui_dir=comfy_dir, cpu=not gpus)
+    # the GPUs found, named, so that the service does not ask nvidia-smi again (UUIDs stay "auto")
+    indices = tuple(int(g) for g in gpus) if all(g.isdigit() for g in gpus) else ()
+    managed = ManagedSettings(comfyui_dir=comfy_dir, cpu=not gpus, gpus=indices or "auto")
     where = f"one process per GPU ({', '.join(gpus)})" if gpus else "one process on the CPU (no GPU found)"
     names = ", ".join(f"local-{i}" for i in range(max(1, len(gpus))))
     click.echo(f"comfy-orch serve: {config_path} lists no backends; running the local ComfyUI at {comfy_dir}, "
