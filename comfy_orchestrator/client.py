@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 
 from comfy_orchestrator import protocol as p
+from comfy_orchestrator._files import save_stream
 from comfy_orchestrator._http import HttpTransport
 from comfy_orchestrator.config import RunResult, Timeouts, Timings
 from comfy_orchestrator.errors import (
@@ -693,11 +694,5 @@ class ComfyClient:
         return b"".join([chunk async for chunk in self.iter_download(ref)])
 
     async def save(self, ref: p.FileRef, path: str | Path) -> Path:
-        """Stream a file from /view to ``path`` (written to a temporary name, then renamed)."""
-        target = Path(path)
-        partial = target.with_name(target.name + ".part")
-        with partial.open("wb") as fh:
-            async for chunk in self.iter_download(ref):
-                fh.write(chunk)
-        partial.replace(target)
-        return target
+        """Stream a file from /view to ``path`` (written beside it off the event loop, then renamed)."""
+        return await save_stream(self.iter_download(ref), Path(path))

@@ -16,17 +16,17 @@ import json
 import logging
 import os
 import random
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
 from comfy_orchestrator._backoff import backoff_delay
+from comfy_orchestrator._files import save_stream
 from comfy_orchestrator.errors import ClientClosed, ProtocolError
 from comfy_orchestrator.remote.errors import (
     ServiceError,
@@ -223,15 +223,7 @@ class ServiceClient:
         """Stream an output to ``path`` (written beside it, then renamed: never a partial file). The
         disk is written from worker threads, one chunk at a time: a slow disk holds up neither the
         event loop (other downloads, event sockets, heartbeats) nor more than a chunk of memory."""
-        spool = _Spool(Path(path))
-        try:
-            async for chunk in self.iter_download(job_id, name):
-                await asyncio.to_thread(spool.write, chunk)
-            await asyncio.to_thread(spool.commit)
-        finally:
-            # Also when cancelled: the thread still runs, and waits for a write still in flight.
-            await asyncio.to_thread(spool.discard)
-        return spool.target
+        return await save_stream(self.iter_download(job_id, name), Path(path))
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -324,41 +316,3 @@ async def _error_of(resp: aiohttp.ClientResponse) -> ServiceError:
     except (ValueError, aiohttp.ClientError):
         body = None
     return error_from_response(resp.status, body, resp.headers.get("Retry-After"))
-
-
-class _Spool:
-    """``target``, written as ``target.part`` from worker threads and renamed when complete.
-
-    Each method runs in a thread; a lock keeps ``discard`` from closing the file under a ``write``
-    whose task was cancelled while its thread ran on, and no write opens the file once discarded."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.partial = target.with_name(target.name + ".part")
-        self._file: BinaryIO | None = None
-        self._ended = False
-        self._lock = threading.Lock()
-
-    def _open(self) -> BinaryIO:
-        if self._ended:
-            raise ClientClosed(f"the download to {self.target} was abandoned")
-        if self._file is None:
-            self._file = self.partial.open("wb")
-        return self._file
-
-    def write(self, chunk: bytes) -> None:
-        with self._lock:
-            self._open().write(chunk)
-
-    def commit(self) -> None:
-        with self._lock:
-            self._open().close()  # opened here when the output is empty: it is still a file
-            self.partial.replace(self.target)
-            self._ended = True
-
-    def discard(self) -> None:
-        with self._lock:
-            self._ended = True
-            if self._file is not None:
-                self._file.close()
-            self.partial.unlink(missing_ok=True)
