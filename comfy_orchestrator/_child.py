@@ -71,11 +71,9 @@ class ChildProcess:
         self._reaper = weakref.finalize(self, _kill_at_exit, self._proc.pid, self.what)
         return self._proc.pid
 
-    async def wait_ready(self, url: str, *, timeout: float | None, error: type[Exception],
-                         setting: str = "startup_timeout") -> None:
+    async def wait_ready(self, url: str, *, timeout: float | None, error: type[Exception]) -> None:
         """Until ``GET url`` answers 200; ``error`` (with the log's last lines) when the process
-        exits first or ``timeout`` seconds pass (``setting`` names the option that sets them;
-        None: no limit)."""
+        exits first or ``timeout`` seconds (``startup_timeout``; None: no limit) pass."""
         deadline = None if timeout is None else time.monotonic() + timeout
         proc = self._proc
         if proc is None:
@@ -93,7 +91,7 @@ class ChildProcess:
                     pass  # not listening yet
                 if deadline is not None and time.monotonic() > deadline:
                     raise error(f"the {self.what} (pid {proc.pid}) did not answer {url} within {timeout:.0f} s "
-                                f"({setting}){self._last_lines()}")
+                                f"(startup_timeout){self._last_lines()}")
                 await asyncio.sleep(0.2)
 
     def _last_lines(self) -> str:
