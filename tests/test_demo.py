@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 from pydantic import ValidationError
 
+from comfy_orchestrator._child import free_port, http_url
 from comfy_orchestrator.cli import main
 from comfy_orchestrator.demo import TINY_WARNING, Demo, DemoError, DemoSettings, write_contact_sheet, write_report
 from comfy_orchestrator.demo.flow import ESCALATION
@@ -328,11 +329,7 @@ async def test_models_no_backend_holds_are_named_before_any_job_runs(tmp_path: P
 
 
 def _free_port_url() -> str:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return http_url("127.0.0.1", free_port("127.0.0.1"))
 
 
 def test_an_unknown_clip_model_is_refused_before_anything_starts() -> None:

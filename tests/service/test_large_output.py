@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,19 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from comfy_orchestrator._child import free_port
 from comfy_orchestrator.testing import FakeComfyUI
 from tests.service.conftest import TOKENS, auth, ops_graph
 
 SIDE = 4200  # 4200 × 4200 × 3 bytes of noise: 52.9 MB, over 50 MiB
 MIN_SIZE = 50 * 1024 * 1024
 MAX_GROWTH = 25 * 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _write_noise_png(path: Path) -> None:
@@ -61,7 +54,7 @@ def _reset_peak(pid: int) -> int:
 
 @contextlib.asynccontextmanager
 async def _serve(tmp_path: Path, fake: FakeComfyUI, session: aiohttp.ClientSession) -> AsyncIterator[tuple[str, int]]:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     config = tmp_path / "service.toml"
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nworkers = 1\n'

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from comfy_orchestrator._child import free_port
 from comfy_orchestrator.local import LocalComfyUIError, find_comfyui_dir
 from tests.service.conftest import TOKENS, auth
 from tests.service.test_managed import _backends, _pid_alive, _run_job, _service, _settings, _wait_for
@@ -59,15 +59,8 @@ async def test_a_managed_comfyui_is_restarted_after_sigkill_and_runs_jobs_again(
     assert not _pid_alive(new_pid)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_serve_with_no_backend_runs_the_local_comfyui(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     config = tmp_path / "service.toml"
     config.write_text(f'[server]\nport = {port}\ndrain_timeout = 5.0\n'
                       f'[store]\npath = "{tmp_path / "store" / "jobs.db"}"\noutputs_dir = "{tmp_path / "out"}"\n'

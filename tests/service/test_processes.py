@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from comfy_orchestrator._child import free_port
 from comfy_orchestrator.service import ServiceSettings, SettingsError
 from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.peers import PeerBus
@@ -30,7 +31,6 @@ from tests.service.test_reliability import (
     Proc,
     _attempts,
     _cancel_and_see_the_prompt_stop,
-    _free_port,
     _kill,
     _session,
     _small_graph,
@@ -209,7 +209,7 @@ async def _metric(session: aiohttp.ClientSession, base: str, pattern: str) -> fl
 
 
 async def test_two_processes_serve_one_port_one_store_one_event_stream(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0") as a, FakeComfyUI(name="fake-1") as b, _session() as session:
         config = _config(tmp_path, port, [a, b])
@@ -249,7 +249,7 @@ async def test_two_processes_serve_one_port_one_store_one_event_stream(tmp_path:
 
 
 async def test_a_cancel_that_reaches_the_other_process_interrupts_the_prompt_within_5_s(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     # ComfyUI (and so the double) acts on an interrupt at the next node boundary: nodes of 2 s
     async with FakeComfyUI(name="fake-0", node_delay=2.0) as fake, _session() as session:
@@ -276,7 +276,7 @@ async def test_a_cancel_that_reaches_the_other_process_interrupts_the_prompt_wit
 async def test_jobs_posted_to_one_process_use_the_slots_of_the_others(tmp_path: Path) -> None:
     """Two slots on one backend, one per process: two jobs posted on one connection (one process)
     are both on the backend at once, the second claimed by the other process."""
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0", node_delay=1.0) as fake, _session() as session:
         config = _config(tmp_path, port, [fake], workers=4)
@@ -311,7 +311,7 @@ async def _connection_to_a_process_not_running_it(base: str) -> aiohttp.ClientSe
 
 
 async def test_a_process_that_dies_is_started_again_and_sigterm_stops_them_all(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0") as fake, _session() as session:
         config = _config(tmp_path, port, [fake])
@@ -345,7 +345,7 @@ def _alive(pid: int) -> bool:
 
 
 async def test_service_processes_drain_and_exit_when_their_supervisor_is_killed(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     async with FakeComfyUI(name="fake-0") as fake, _session() as session:
         config = _config(tmp_path, port, [fake])
         async with _supervisor(config, port, session, 2) as (proc, pids):

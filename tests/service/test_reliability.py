@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sqlite3
 import sys
 from collections import Counter
@@ -17,15 +16,9 @@ from typing import Any
 
 import aiohttp
 
+from comfy_orchestrator._child import free_port
 from comfy_orchestrator.testing import FakeComfyUI
 from tests.service.conftest import TOKENS, auth, ops_graph
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _write_config(tmp_path: Path, port: int, doubles: Sequence[FakeComfyUI], *, workers: int = 4,
@@ -130,7 +123,7 @@ def _succeeded_prompts(fake: FakeComfyUI) -> set[str]:
 
 
 async def test_sigkill_during_200_submissions_loses_and_repeats_nothing(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0", node_delay=0.002) as f0, \
             FakeComfyUI(name="fake-1", node_delay=0.002) as f1, _session() as session:
@@ -254,7 +247,7 @@ async def _terminate(proc: Proc, timeout: float = 20.0) -> int:
 
 
 async def test_sigkill_mid_generation_then_the_prompt_finishes_collects_without_rerunning(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0", node_delay=0.3) as fake, _session() as session:
         config = _write_config(tmp_path, port, [fake], workers=2)
@@ -288,7 +281,7 @@ async def test_sigkill_mid_generation_then_the_prompt_finishes_collects_without_
 
 
 async def test_sigkill_mid_generation_with_the_prompt_still_running_is_adopted_not_rerun(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     # 5 nodes of 1.5 s: the prompt is still mid-run when the new process reconciles it.
     async with FakeComfyUI(name="fake-0", node_delay=1.5) as fake, _session() as session:
@@ -319,7 +312,7 @@ async def test_sigkill_mid_generation_with_the_prompt_still_running_is_adopted_n
 
 
 async def test_a_tenant_cancelling_an_adopted_job_interrupts_its_prompt_within_5_s(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0", node_delay=5.0) as fake, _session() as session:
         config = _write_config(tmp_path, port, [fake], workers=1, lease_s=60.0)
@@ -344,7 +337,7 @@ async def test_a_tenant_cancelling_an_adopted_job_interrupts_its_prompt_within_5
 async def test_sigkill_between_generate_and_score_resumes_at_score(tmp_path: Path) -> None:
     """The generated images are in the pipeline cache when the service dies: the restarted job scores
     them without running any prompt again."""
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     models = {"checkpoints": ["sd15.safetensors"]}
     async with FakeComfyUI(name="fake-0", models=models) as fake, _session() as session:
@@ -397,7 +390,7 @@ def _step_event(db: Path, job_id: str, type_: str, step: str) -> bool:
 
 
 async def test_sigterm_drains_unready_finishes_in_flight_work_and_exits_zero(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0", node_delay=0.3) as fake, _session() as session:
         config = _write_config(tmp_path, port, [fake], workers=2, drain_timeout=10.0)
@@ -437,7 +430,7 @@ async def test_sigterm_drains_unready_finishes_in_flight_work_and_exits_zero(tmp
 
 
 async def test_sigterm_past_the_drain_timeout_releases_in_flight_work(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0", node_delay=1.0) as fake, _session() as session:
         config = _write_config(tmp_path, port, [fake], workers=2, drain_timeout=0.5)
@@ -469,7 +462,7 @@ async def test_sigterm_past_the_drain_timeout_releases_in_flight_work(tmp_path: 
 
 
 async def test_a_backend_dying_mid_job_is_rerouted_to_the_other(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     async with FakeComfyUI(name="fake-0", node_delay=0.2) as f0, FakeComfyUI(name="fake-1", node_delay=0.2) as f1, \
             _session() as session:

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import aiohttp
 from click.testing import CliRunner
 
+from comfy_orchestrator._child import free_port
 from comfy_orchestrator.cli import main
 from comfy_orchestrator.testing import FakeComfyUI
 from tests.service.conftest import TOKENS, auth
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_a_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
@@ -33,7 +26,7 @@ def test_a_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
 
 
 async def test_serve_answers_then_drains_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     async with FakeComfyUI() as fake:
         config = tmp_path / "service.toml"
         config.write_text(
