@@ -46,11 +46,12 @@ class SpawnComfy(Protocol):
     def __call__(self, **config: Any) -> Awaitable[LiveComfy]: ...
 
 
-def _comfy_dir_or_skip() -> Path:
+def comfy_dir_or_skip(what: str = "comfy_live") -> Path:
+    """The local ComfyUI tree, or a skip saying ``what`` needs one."""
     try:
         return find_comfyui_dir()
     except LocalComfyUIError as exc:
-        pytest.skip(f"comfy_live needs a real ComfyUI: {exc}")
+        pytest.skip(f"{what} needs a real ComfyUI: {exc}")
 
 
 def _prepare_or_skip() -> Callable[[Path], TinyModels]:
@@ -70,7 +71,7 @@ def _config(comfy_dir: Path, base_dir: Path, **overrides: Any) -> LocalComfyUICo
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def live_comfy(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveComfy]:
     """One real ComfyUI (CPU, ``--preview-method auto``) with the tiny models, for the whole session."""
-    comfy_dir = _comfy_dir_or_skip()
+    comfy_dir = comfy_dir_or_skip()
     prepare = _prepare_or_skip()
     base_dir = tmp_path_factory.mktemp("comfy-live")
     models = prepare(base_dir)
@@ -85,7 +86,7 @@ async def live_comfy(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 @pytest_asyncio.fixture(loop_scope="session")
 async def spawn_comfy(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SpawnComfy]:
     """Factory for extra independent servers, each in its own base dir; all stopped after the test."""
-    comfy_dir = _comfy_dir_or_skip()
+    comfy_dir = comfy_dir_or_skip()
     prepare = _prepare_or_skip()
     started: list[LocalComfyUI] = []
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from comfy_orchestrator.cli import main
-from comfy_orchestrator.local import LocalComfyUIError, find_comfyui_dir
+from tests.live_fixtures import comfy_dir_or_skip
 
 pytestmark = pytest.mark.comfy_live
 
@@ -57,10 +57,7 @@ def _rescore(images: list[tuple[Path, str]]) -> list[float]:
 
 @pytest.mark.timeout(600)
 def test_the_demo_runs_end_to_end_and_its_report_shows_the_scored_grid(tmp_path: Path) -> None:
-    try:
-        find_comfyui_dir()
-    except LocalComfyUIError as exc:
-        pytest.skip(f"the demo needs a real ComfyUI: {exc}")
+    comfy_dir_or_skip("the demo")
     out = tmp_path / "demo-out"
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output

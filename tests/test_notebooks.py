@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import REPO
+from tests.live_fixtures import comfy_dir_or_skip
 
 NOTEBOOKS_DIR = REPO / "notebooks"
 EXPECTED = ["01_model_comparison.ipynb", "02_quality_gated.ipynb", "03_chaining.ipynb", "04_service.ipynb"]
@@ -144,13 +145,8 @@ def _outputs(nb: Any, kind: str) -> list[Any]:
 
 
 def _comfy_tree_or_skip() -> None:
-    from comfy_orchestrator.local import LocalComfyUIError, find_comfyui_dir
-
     pytest.importorskip("torch", reason="the tiny models need torch")
-    try:
-        find_comfyui_dir()
-    except LocalComfyUIError as exc:
-        pytest.skip(f"the notebooks need a real ComfyUI: {exc}")
+    comfy_dir_or_skip("the notebooks")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
