@@ -17,6 +17,13 @@ pytest_plugins = ["tests.live_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 PROTOCOL_DIR = Path(os.environ.get("COMFY_PROTOCOL_DIR", REPO.parent / "shared" / "comfyui-protocol"))
+
+
+def require_recordings() -> None:
+    """Skip the calling test module when the ComfyUI protocol recordings are not in this checkout."""
+    if not (PROTOCOL_DIR / "invalid.json").is_file():  # pragma: no cover - depends on the checkout
+        pytest.skip(f"ComfyUI protocol recordings not found at {PROTOCOL_DIR} (set COMFY_PROTOCOL_DIR)",
+                    allow_module_level=True)
 GRAPHS_DIR = REPO / "graphs"
 
 

@@ -10,7 +10,9 @@ import pytest
 
 from comfy_orchestrator import protocol as p
 from comfy_orchestrator.errors import ProtocolError
-from tests.conftest import PROTOCOL_DIR
+from tests.conftest import PROTOCOL_DIR, require_recordings
+
+require_recordings()
 
 TRANSCRIPTS = sorted(PROTOCOL_DIR.glob("**/*.jsonl"))
 KNOWN = {

@@ -11,10 +11,9 @@ import pytest
 
 from comfy_orchestrator.errors import GraphValidationError
 from comfy_orchestrator.graph import Graph, check_prompt, model_input_folder, validate, validate_prompt
-from tests.conftest import PROTOCOL_DIR
+from tests.conftest import PROTOCOL_DIR, require_recordings
 
-if not (PROTOCOL_DIR / "invalid.json").is_file():  # pragma: no cover - depends on the checkout
-    pytest.skip(f"ComfyUI protocol recordings not found at {PROTOCOL_DIR}", allow_module_level=True)
+require_recordings()
 
 INVALID = json.loads((PROTOCOL_DIR / "invalid.json").read_text())
 
