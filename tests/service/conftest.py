@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,23 @@ FAST = Timeouts(connect=1.0, request=3.0, stall=5.0, poll=0.1, unreachable=0.6)
 
 def auth(tenant: str = "acme") -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[tenant]}"}
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process, *,
+                     timeout: float, output: Callable[[], str] = lambda: "") -> None:
+    """Until the ``comfy-orch serve`` at ``url`` answers ``/readyz`` with 200; fails the test (with
+    ``output()``) when ``process`` exits first."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if process.returncode is not None:
+                pytest.fail(f"serve exited with {process.returncode}:\n{output()}")
+            try:
+                async with session.get(f"{url}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
 
 
 def ops_graph(**params: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 
 from comfy_orchestrator._child import free_port
 from comfy_orchestrator.local import LocalComfyUIError, find_comfyui_dir
-from tests.service.conftest import TOKENS, auth
+from tests.service.conftest import TOKENS, auth, wait_ready
 from tests.service.test_managed import _backends, _pid_alive, _run_job, _service, _settings, _wait_for
 
 pytestmark = [pytest.mark.comfy_live, pytest.mark.timeout(400)]
@@ -75,18 +75,7 @@ async def test_serve_with_no_backend_runs_the_local_comfyui(tmp_path: Path) -> N
     comfy_pid: int | None = None
     try:
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(240):
-                while True:
-                    try:
-                        async with session.get(f"{url}/readyz") as resp:
-                            if resp.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    if proc.returncode is not None:
-                        assert proc.stdout is not None
-                        pytest.fail(f"serve exited with {proc.returncode}:\n{(await proc.stdout.read()).decode()}")
-                    await asyncio.sleep(0.2)
+            await wait_ready(session, url, proc, timeout=240)
             item: dict[str, Any] = (await _backends(session, url))["local-0"]
             assert item["healthy"]
             assert item["managed"]["device"] is None

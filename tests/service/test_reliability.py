@@ -18,7 +18,7 @@ import aiohttp
 
 from comfy_orchestrator._child import free_port
 from comfy_orchestrator.testing import FakeComfyUI
-from tests.service.conftest import TOKENS, auth, ops_graph
+from tests.service.conftest import TOKENS, auth, ops_graph, wait_ready
 
 
 def _write_config(tmp_path: Path, port: int, doubles: Sequence[FakeComfyUI], *, workers: int = 4,
@@ -63,19 +63,11 @@ async def _start(config: Path, port: int, session: aiohttp.ClientSession, *, nam
         )
     proc = Proc(process, log)
     try:
-        async with asyncio.timeout(30):
-            while True:
-                assert process.returncode is None, proc.output()
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        if resp.status == 200:
-                            return proc
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
+        await wait_ready(session, f"http://127.0.0.1:{port}", process, timeout=30, output=proc.output)
     except BaseException:
         await _kill(proc)
         raise
+    return proc
 
 
 async def _kill(proc: Proc) -> None:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from comfy_orchestrator._child import free_port
 from comfy_orchestrator.cli import main
 from comfy_orchestrator.testing import FakeComfyUI
-from tests.service.conftest import TOKENS, auth
+from tests.service.conftest import TOKENS, auth, wait_ready
 
 
 def test_a_bad_config_is_one_line_naming_the_field(tmp_path: Path) -> None:
@@ -41,15 +41,7 @@ async def test_serve_answers_then_drains_on_sigterm(tmp_path: Path) -> None:
         )
         try:
             async with aiohttp.ClientSession() as session:
-                async with asyncio.timeout(30):
-                    while True:
-                        try:
-                            async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                                if resp.status == 200:
-                                    break
-                        except aiohttp.ClientConnectionError:
-                            pass
-                        await asyncio.sleep(0.1)
+                await wait_ready(session, f"http://127.0.0.1:{port}", proc, timeout=30)
                 async with session.get(f"http://127.0.0.1:{port}/v1/backends", headers=auth()) as resp:
                     assert resp.status == 200
             proc.send_signal(signal.SIGTERM)
