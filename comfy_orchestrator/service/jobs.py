@@ -87,17 +87,29 @@ async def submit(request: web.Request) -> web.Response:
         await check_inputs(app[INPUTS], tenant, job_request.inputs)
         await _check_runnable(app, graph, input_files=list(job_request.inputs))
         nodes = len(graph)
+    notifier = app[NOTIFIER]
+    worker = notifier.reserve()  # an idle worker here takes the job in the transaction that creates it
+    created = False
     try:
         job, created = await app[STORE].create_job(
             tenant, job_request.kind, spec, idempotency_key=key, labels=job_request.labels,
-            max_active=settings.limits.max_queued_per_tenant,
+            max_active=settings.limits.max_queued_per_tenant, claim=None if worker is None else worker.claim,
         )
     except IdempotencyConflict as exc:
         raise ApiError(422, "IdempotencyConflict", str(exc), extra={"job_id": exc.job_id}) from None
     except QueueFull as exc:
         raise ApiError(429, "QueueFull", str(exc), headers={"Retry-After": _RETRY_AFTER_S}) from None
+    finally:
+        if worker is not None:
+            if created:
+                worker.deliver(job)
+            else:  # not created (an error, or the key's existing job): the worker claims as usual
+                worker.decline()
     if created:
-        app[NOTIFIER].job_queued()  # wakes one idle worker and the event readers
+        if worker is not None:
+            notifier.notify()  # its queued and running events
+        else:
+            notifier.job_queued()  # wakes one idle worker (here or in a sibling) and the event readers
         log.info("tenant %s: job %s queued (%s, %d nodes)", tenant, job.id, job.kind.value, nodes)
     return web.json_response({"id": job.id, "state": job.state.value}, status=202 if created else 200)
 

@@ -11,6 +11,12 @@ several processes (``service.peers``), ``relay`` passes each wake-up on to the s
 A worker that found the queue empty passes the ``generation`` it read before it tried to claim to
 ``next_job``: if a job was queued meanwhile (the wake-up went to nobody, the worker was not yet
 waiting), the future it gets is already done and it claims again at once, so no wake-up is lost.
+
+* ``reserve``: hand a job that is about to be created straight to an idle worker. The API takes the
+  longest idle worker's ``Claim`` and creates the job already running under its lease (one
+  transaction, no claim after it), then ``deliver``s the job to that worker, or ``decline``s (the
+  job was not created, or is another one's) and the worker goes back to claiming. A reserved worker
+  waits for that answer whatever its poll timer says.
 """
 
 from __future__ import annotations
@@ -20,7 +26,28 @@ import collections
 import contextlib
 from collections.abc import Callable
 
-__all__ = ["Notifier"]
+from comfy_orchestrator.store import Claim, JobRecord
+
+__all__ = ["Notifier", "Reservation"]
+
+
+class Reservation:
+    """An idle worker set aside for one job being created (``Notifier.reserve``): ``deliver`` or
+    ``decline`` it exactly once."""
+
+    def __init__(self, claim: Claim, waiter: asyncio.Future[JobRecord | None]) -> None:
+        self.claim = claim
+        self._waiter = waiter
+
+    def deliver(self, job: JobRecord) -> None:
+        """The job was created running under ``claim``: the worker runs it."""
+        if not self._waiter.done():
+            self._waiter.set_result(job)
+
+    def decline(self) -> None:
+        """No job for this worker after all: it claims from the queue as if woken."""
+        if not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class Notifier:
@@ -29,7 +56,8 @@ class Notifier:
         """Passes ``e`` (events appended) and ``q`` (a job queued that no worker here took) to the
         sibling processes; None in a service of one process."""
         self._event = asyncio.Event()
-        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._idle: collections.deque[tuple[asyncio.Future[JobRecord | None], Claim]] = collections.deque()
+        self._reserved: set[asyncio.Future[JobRecord | None]] = set()
         self.generation = 0
         """How many jobs were queued through ``job_queued`` so far."""
 
@@ -53,7 +81,7 @@ class Notifier:
         self.generation += 1
         woke = False
         while self._idle and not woke:
-            waiter = self._idle.popleft()
+            waiter, _ = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 woke = True
@@ -61,20 +89,37 @@ class Notifier:
             self.relay("q")
         self.notify(relay=relay)
 
-    def next_job(self, generation: int) -> asyncio.Future[None]:
-        """A future done when ``job_queued`` picks this waiter, or at once when a job was queued
-        since ``generation``. Pass it to ``forget`` when done waiting for it."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def next_job(self, generation: int, claim: Claim) -> asyncio.Future[JobRecord | None]:
+        """A future done when ``job_queued`` picks this waiter (None: claim from the queue) or a
+        ``Reservation`` of it is answered (the job handed over, or None), or done at once when a job
+        was queued since ``generation``. Pass it to ``forget`` when done waiting for it."""
+        waiter: asyncio.Future[JobRecord | None] = asyncio.get_running_loop().create_future()
         if generation != self.generation:
             waiter.set_result(None)
         else:
-            self._idle.append(waiter)
+            self._idle.append((waiter, claim))
         return waiter
 
-    def forget(self, waiter: asyncio.Future[None]) -> None:
-        """Stop waiting on ``waiter`` (timed out, or stopping): it no longer takes a wake-up."""
+    def reserve(self) -> Reservation | None:
+        """Take the longest idle worker for a job about to be created; None when none is idle."""
+        while self._idle:
+            waiter, claim = self._idle.popleft()
+            if not waiter.done():
+                self._reserved.add(waiter)
+                waiter.add_done_callback(self._reserved.discard)
+                return Reservation(claim, waiter)
+        return None
+
+    def forget(self, waiter: asyncio.Future[JobRecord | None]) -> bool:
+        """Stop waiting on ``waiter`` (timed out, or stopping): it no longer takes a wake-up. False
+        when it is reserved and not yet answered: the worker must await it, a job may be on its way."""
         if waiter.done():
-            return
+            return True
+        if waiter in self._reserved:
+            return False
         waiter.cancel()
-        with contextlib.suppress(ValueError):
-            self._idle.remove(waiter)
+        for i, (idle, _) in enumerate(self._idle):
+            if idle is waiter:
+                del self._idle[i]
+                break
+        return True

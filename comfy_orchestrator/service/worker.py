@@ -40,6 +40,7 @@ from comfy_orchestrator.service.pipeline_jobs import PipelineJobs
 from comfy_orchestrator.store import (
     AttemptRecord,
     AttemptState,
+    Claim,
     JobKind,
     JobRecord,
     JobStore,
@@ -84,10 +85,12 @@ class Worker:
             while not stopping.is_set():
                 generation = self.notifier.generation  # read before the claim: no wake-up is lost
                 job = await self.store.claim_next(self.worker_id, lease_s=self.lease_s)
-                if job is None:
-                    await self._idle(generation, stop)
-                    continue
-                self.notifier.notify()  # its `running` event
+                if job is not None:
+                    self.notifier.notify()  # its `running` event
+                else:
+                    job = await self._idle(generation, stop)  # a job created for this worker, or None
+                    if job is None:
+                        continue
                 try:
                     await self.process(job)
                 except asyncio.CancelledError:
@@ -99,14 +102,19 @@ class Worker:
         finally:
             stop.cancel()
 
-    async def _idle(self, generation: int, stop: asyncio.Future[Any]) -> None:
+    async def _idle(self, generation: int, stop: asyncio.Future[Any]) -> JobRecord | None:
         """Until a job is queued in this process (this worker picked to claim it), the service
-        stops, or the next poll (jobs queued by other processes, leases that ran out)."""
-        waiter = self.notifier.next_job(generation)
+        stops, or the next poll (jobs queued by other processes, leases that ran out). A job the
+        API created already claimed for this worker (``Notifier.reserve``) comes back, to be run
+        even when the service is stopping (the drain finishes or releases it like any other)."""
+        waiter = self.notifier.next_job(generation, Claim(self.worker_id, self.lease_s))
         try:
             await asyncio.wait((waiter, stop), timeout=_IDLE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.notifier.forget(waiter)
+            answered = self.notifier.forget(waiter)
+        if not answered:  # reserved for a job being created: its answer comes within one commit
+            return await waiter
+        return None if waiter.cancelled() else waiter.result()
 
     async def _release(self, job: JobRecord) -> None:
         if await self.store.release(job.id, worker_id=self.worker_id, reason="service shutting down"):

@@ -3,7 +3,7 @@
     JobStore               the protocol (SQLite now; a PostgreSQL implementation satisfies it later)
     SQLiteJobStore         the embedded default: one SQLite file in WAL mode, async context manager
     BlobStore, Blob        content-addressed output files (``<root>/<sha[:2]>/<sha>``)
-    JobRecord, AttemptRecord, StepRecord, EventRecord, OutputRecord, Page
+    JobRecord, AttemptRecord, StepRecord, EventRecord, OutputRecord, Page, Claim
     JobState, JobKind, AttemptState, StepState, EventType
     reconcile_running      start-up reconciliation of running jobs with their backends
     reconcile_job, ReconcileReport, Reconciled, Outcome, requeue_lost, collect_outputs
@@ -39,6 +39,7 @@ from comfy_orchestrator.store.sqlite import SQLiteJobStore
 from comfy_orchestrator.store.types import (
     AttemptRecord,
     AttemptState,
+    Claim,
     EventRecord,
     EventType,
     JobKind,
@@ -56,6 +57,7 @@ __all__ = [
     "BackendClient",
     "Blob",
     "BlobStore",
+    "Claim",
     "EventRecord",
     "EventType",
     "IdempotencyConflict",

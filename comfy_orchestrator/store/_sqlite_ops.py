@@ -4,12 +4,20 @@ inside a transaction the store opened (one savepoint of a group commit)."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from comfy_orchestrator.store._codec import decode_cursor, dumps, from_us, loads
+from comfy_orchestrator.store._codec import datetime_us, decode_cursor, dumps, from_us, loads
 from comfy_orchestrator.store.errors import IdempotencyConflict, JobNotFound, JobNotRunning, QueueFull
-from comfy_orchestrator.store.types import AttemptState, EventRecord, EventType, JobKind, JobState, StepState
+from comfy_orchestrator.store.types import (
+    AttemptState,
+    EventRecord,
+    EventType,
+    JobKind,
+    JobState,
+    OutputRecord,
+    StepState,
+)
 
 __all__ = [
     "COUNT_ACTIVE_SQL",
@@ -30,6 +38,7 @@ __all__ = [
     "release",
     "running_jobs_query",
     "start_attempt",
+    "upsert_output",
     "upsert_step",
 ]
 
@@ -89,8 +98,10 @@ def insert_job(
     idempotency_key: str | None,
     max_active: int | None,
     now: int,
+    lease: tuple[str, int] | None = None,
 ) -> tuple[sqlite3.Row, bool]:
-    """The idempotent create: the job already under the key (same body), or a new queued one."""
+    """The idempotent create: the job already under the key (same body), or a new queued one; with
+    ``lease`` (worker id, until), a new one already claimed: queued and running in one transaction."""
     if idempotency_key is not None:
         row = one(db, "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, idempotency_key))
         if row is not None:
@@ -107,6 +118,10 @@ def insert_job(
     db.executemany("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)",
                          [(job_id, k, v) for k, v in labels.items()])
     event(db, job_id, tenant, EventType.QUEUED, {"kind": kind.value}, now)
+    if lease is not None:
+        db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ? WHERE id = ?",
+                   (*lease, job_id))
+        event(db, job_id, tenant, EventType.RUNNING, {"reclaimed": False}, now)
     row = one(db, "SELECT * FROM jobs WHERE id = ?", (job_id,))
     assert row is not None
     return row, True
@@ -163,11 +178,15 @@ def finish(
     result: Mapping[str, Any] | None,
     error: Mapping[str, Any] | None,
     now: int,
+    outputs: Sequence[OutputRecord] = (),
 ) -> bool:
-    """Move a job to a final state once; False (nothing changed) when it already was in one."""
+    """Move a job to a final state once, naming its ``outputs`` (blobs already stored); False
+    (nothing changed) when it already was in one."""
     row = job_row(db, job_id, tenant)
     if JobState(row["state"]).final:
         return False
+    for o in outputs:
+        upsert_output(db, job_id, o.name, o.sha256, o.size, o.content_type, datetime_us(o.created))
     end_attempts(db, job_id, attempt_state, error, now)
     db.execute(
         "UPDATE jobs SET state = ?, result = ?, error = ?, lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
@@ -274,11 +293,17 @@ def record_output(
     row = job_row(db, job_id)
     if JobState(row["state"]).final:
         raise JobNotRunning(job_id, row["state"])
+    upsert_output(db, job_id, name, sha256, size, content_type, now)
+
+
+def upsert_output(
+    db: sqlite3.Connection, job_id: str, name: str, sha256: str, size: int, content_type: str, created_us: int
+) -> None:
     db.execute(
         "INSERT INTO outputs (job_id, name, sha256, size, content_type, created_us) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (job_id, name) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size, "
         "content_type = excluded.content_type, created_us = excluded.created_us",
-        (job_id, name, sha256, size, content_type, now))
+        (job_id, name, sha256, size, content_type, created_us))
 
 
 def upsert_step(

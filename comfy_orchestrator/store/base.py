@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from comfy_orchestrator.store.types import (
     AttemptRecord,
     AttemptState,
+    Claim,
     EventRecord,
     JobKind,
     JobRecord,
@@ -57,11 +58,15 @@ class JobStore(Protocol):
         idempotency_key: str | None = None,
         labels: Mapping[str, str] | None = None,
         max_active: int | None = None,
+        claim: Claim | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a job, committed before this returns; ``(job, True)``. With a key the tenant used
         before: ``(that job, False)`` when the body is the same, ``IdempotencyConflict`` otherwise.
         With ``max_active``, raise ``QueueFull`` when the tenant already has that many queued or
-        running jobs (checked in the same transaction, so racing callers cannot overshoot)."""
+        running jobs (checked in the same transaction, so racing callers cannot overshoot). With
+        ``claim``, a new job is committed already ``running`` under that worker's lease (its
+        ``job.queued`` and ``job.running`` events in the same transaction), as if the worker had
+        claimed it; an existing job is returned as it is."""
         ...
 
     async def get_job(self, tenant: str, job_id: str) -> JobRecord | None:
@@ -180,8 +185,10 @@ class JobStore(Protocol):
     async def complete_job(
         self, job_id: str, result: Mapping[str, Any], outputs: Sequence[OutputRecord] = ()
     ) -> bool:
-        """Mark the job succeeded with ``result`` (its open attempt ends ``succeeded``; the event
-        names ``outputs``). False, changing nothing, when the job had already ended."""
+        """Mark the job succeeded with ``result`` and record ``outputs`` under their names in the
+        same transaction (from ``stage_output``, or ``save_output`` again); its open attempt ends
+        ``succeeded`` and the event names the outputs. False, changing nothing, when the job had
+        already ended."""
         ...
 
     async def fail_job(self, job_id: str, error: Mapping[str, Any]) -> bool:
@@ -206,6 +213,17 @@ class JobStore(Protocol):
     ) -> OutputRecord:
         """Store a file the job produced (streamed, content-addressed) under ``name``, replacing an
         output of that name. Raises ``JobNotRunning`` when the job already ended."""
+        ...
+
+    async def stage_output(
+        self,
+        job_id: str,
+        name: str,
+        data: bytes | AsyncIterable[bytes],
+        content_type: str = "application/octet-stream",
+    ) -> OutputRecord:
+        """Store a file's bytes (streamed, content-addressed) for ``complete_job`` to name: nothing
+        about the job is recorded until then, so a job that ends otherwise shows no such output."""
         ...
 
     async def upsert_step(

@@ -231,7 +231,7 @@ async def collect_outputs(
 ) -> list[OutputRecord]:
     """Stream each output file of a finished prompt (its history entry's or ``RunResult``'s
     ``outputs``; ``type == "output"`` only, previews are skipped) from the backend into the store,
-    named ``<node id>/<file name>``."""
+    staged as ``<node id>/<file name>`` for ``complete_job`` to record."""
     saved = []
     for node_id, output in outputs.items():
         for ref in output.files:
@@ -239,7 +239,7 @@ async def collect_outputs(
                 continue
             name = f"{node_id}/{ref.filename}"
             content_type = mimetypes.guess_type(ref.filename)[0] or "application/octet-stream"
-            saved.append(await store.save_output(job_id, name, client.iter_download(ref), content_type))
+            saved.append(await store.stage_output(job_id, name, client.iter_download(ref), content_type))
     return saved
 
 

@@ -43,6 +43,7 @@ from comfy_orchestrator.store.errors import JobNotFound, JobNotRunning, OutputNo
 from comfy_orchestrator.store.types import (
     AttemptRecord,
     AttemptState,
+    Claim,
     EventRecord,
     JobKind,
     JobRecord,
@@ -127,17 +128,21 @@ class SQLiteJobStore:
         idempotency_key: str | None = None,
         labels: Mapping[str, str] | None = None,
         max_active: int | None = None,
+        claim: Claim | None = None,
     ) -> tuple[JobRecord, bool]:
         kind = JobKind(kind)
         labels = {str(k): str(v) for k, v in (labels or {}).items()}
         spec_json = dumps(spec)
         digest = body_hash(kind, spec, labels, spec_json=spec_json)
+        now = self._now()
+        lease = None if claim is None else (claim.worker_id, now + to_us(claim.lease_s))
         row, created = await self._db.write(functools.partial(
             ops.insert_job, job_id=uuid.uuid4().hex, tenant=tenant, kind=kind, spec_json=spec_json, labels=labels,
-            digest=digest, idempotency_key=idempotency_key, max_active=max_active, now=self._now()))
+            digest=digest, idempotency_key=idempotency_key, max_active=max_active, now=now, lease=lease))
         job = rows.job_from(row)
         if created:
-            log.info("job %s queued (tenant %s, %s)", job.id, tenant, kind.value)
+            log.info("job %s queued (tenant %s, %s)%s", job.id, tenant, kind.value,
+                     "" if claim is None else f" and claimed by {claim.worker_id}")
         return job, created
 
     async def get_job(self, tenant: str, job_id: str) -> JobRecord | None:
@@ -268,7 +273,7 @@ class SQLiteJobStore:
     ) -> bool:
         named = [{"name": o.name, "sha256": o.sha256, "size": o.size, "content_type": o.content_type} for o in outputs]
         return await self._finish(job_id, JobState.SUCCEEDED, AttemptState.SUCCEEDED,
-                                  {"result": dict(result), "outputs": named}, result=result)
+                                  {"result": dict(result), "outputs": named}, result=result, outputs=outputs)
 
     async def fail_job(self, job_id: str, error: Mapping[str, Any]) -> bool:
         return await self._finish(job_id, JobState.FAILED, AttemptState.FAILED, {"error": dict(error)}, error=error)
@@ -283,10 +288,11 @@ class SQLiteJobStore:
         tenant: str | None = None,
         result: Mapping[str, Any] | None = None,
         error: Mapping[str, Any] | None = None,
+        outputs: Sequence[OutputRecord] = (),
     ) -> bool:
         changed = await self._db.write(functools.partial(
             ops.finish, job_id=job_id, state=state, attempt_state=attempt_state, event_data=event_data, tenant=tenant,
-            result=result, error=error, now=self._now()))
+            result=result, error=error, now=self._now(), outputs=outputs))
         log.log(logging.INFO if changed else logging.DEBUG, "job %s %s%s", job_id, state.value,
                 "" if changed else ": had already ended, nothing changed")
         return changed
@@ -324,6 +330,16 @@ class SQLiteJobStore:
         now = self._now()
         await self._db.write(lambda db: ops.record_output(db, job_id, name, blob.sha256, blob.size, content_type, now))
         return OutputRecord(job_id, name, blob.sha256, blob.size, content_type, blob.path, from_us(now))
+
+    async def stage_output(
+        self,
+        job_id: str,
+        name: str,
+        data: bytes | AsyncIterable[bytes],
+        content_type: str = "application/octet-stream",
+    ) -> OutputRecord:
+        blob = await self.blobs.put(data)
+        return OutputRecord(job_id, name, blob.sha256, blob.size, content_type, blob.path, from_us(self._now()))
 
     async def upsert_step(
         self,

@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 __all__ = [
     "AttemptRecord",
     "AttemptState",
+    "Claim",
     "EventRecord",
     "EventType",
     "JobKind",
@@ -172,6 +173,16 @@ class OutputRecord:
     content_type: str
     path: Path
     created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Who takes a job as it is created (``JobStore.create_job(claim=…)``): a worker that was idle,
+    so the job is committed already ``running`` under its lease, one transaction instead of a queued
+    job and a claim."""
+
+    worker_id: str
+    lease_s: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from comfy_orchestrator.service import ServiceSettings, SettingsError
 from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.peers import PeerBus
 from comfy_orchestrator.service.processes import ProcessRole
+from comfy_orchestrator.store import Claim
 from comfy_orchestrator.testing import FakeComfyUI
 from tests.service.conftest import auth
 from tests.service.test_reliability import (
@@ -141,7 +142,7 @@ async def test_a_queued_job_goes_to_a_sibling_only_when_no_worker_here_is_idle()
     notifier = Notifier()
     relayed: list[str] = []
     notifier.relay = relayed.append
-    waiter = notifier.next_job(notifier.generation)
+    waiter = notifier.next_job(notifier.generation, Claim("w-1", 60.0))
     notifier.job_queued()
     assert waiter.done()
     assert relayed == ["e"]  # a worker here took it: the siblings only hear of the event

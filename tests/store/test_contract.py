@@ -7,12 +7,14 @@ import hashlib
 import os
 import tracemalloc
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from comfy_orchestrator.store import (
     AttemptState,
+    Claim,
     EventType,
     IdempotencyConflict,
     InvalidCursor,
@@ -197,6 +199,40 @@ async def test_claims_are_first_in_first_out(store: JobStore) -> None:
     assert all(j.state is JobState.RUNNING and j.lease_owner == "w" for j in claimed if j)
 
 
+async def test_a_job_created_with_a_claim_is_running_under_that_lease(
+    clocked_store: JobStore, clock: FakeClock
+) -> None:
+    store = clocked_store
+    older, _ = await store.create_job("acme", "graph", graph(0))
+    job, created = await store.create_job("acme", "graph", graph(1), idempotency_key="k", claim=Claim("w1", 10))
+    assert created
+    assert (job.state, job.lease_owner) == (JobState.RUNNING, "w1")
+    assert job.lease_until == job.created + timedelta(seconds=10)
+    assert await store.get_job("acme", job.id) == job
+    assert [(e.type, e.data) for e in await store.events_since("acme", 0) if e.job_id == job.id] == [
+        (EventType.QUEUED, {"kind": "graph"}), (EventType.RUNNING, {"reclaimed": False})]
+    # the queue still holds the older job only; the same key again gets the job as it is, unclaimed
+    claimed = await store.claim_next("w2", lease_s=10)
+    assert claimed is not None
+    assert claimed.id == older.id
+    again, created_again = await store.create_job("acme", "graph", graph(1), idempotency_key="k",
+                                                  claim=Claim("w3", 10))
+    assert not created_again
+    assert again.lease_owner == "w1"
+    # a lease taken at creation runs out like any other
+    assert await store.start_attempt(job.id, "gpu-a", "p1")
+    clock.advance(11)
+    reclaimed = await store.claim_next("w2", lease_s=10)
+    assert reclaimed is not None
+    assert reclaimed.id == job.id
+
+
+async def test_a_claim_counts_against_the_queue_bound(store: JobStore) -> None:
+    await store.create_job("acme", "graph", graph(0), max_active=1, claim=Claim("w1", 30))
+    with pytest.raises(QueueFull):
+        await store.create_job("acme", "graph", graph(1), max_active=1, claim=Claim("w2", 30))
+
+
 async def test_concurrent_workers_never_claim_the_same_job(open_store: OpenStore) -> None:
     stores = [await open_store() for _ in range(3)]  # three handles: three processes to the store
     ids = {(await stores[0].create_job("acme", "graph", graph(i)))[0].id for i in range(30)}
@@ -320,6 +356,23 @@ async def test_completing_twice_changes_nothing(store: JobStore) -> None:
     ends = [e for e in await store.events_since("acme", 0) if e.type == EventType.SUCCEEDED]
     assert len(ends) == 1
     assert ends[0].data["outputs"][0]["name"] == "9/a.png"
+
+
+async def test_staged_outputs_are_recorded_only_by_completing(store: JobStore) -> None:
+    job, _ = await store.create_job("acme", "graph", graph(), claim=Claim("w", 30))
+    staged = [await store.stage_output(job.id, "9/a.png", b"image", "image/png"),
+              await store.stage_output(job.id, "9/b.png", b"other", "image/png")]
+    assert staged[0].path.read_bytes() == b"image"
+    assert await store.list_outputs("acme", job.id) == []  # nothing named yet
+    assert await store.complete_job(job.id, {}, staged)
+    assert await store.list_outputs("acme", job.id) == staged
+    assert b"".join([c async for c in await store.open_output("acme", job.id, "9/b.png")]) == b"other"
+    # a job that ended otherwise names none of what was staged for it
+    other, _ = await store.create_job("acme", "graph", graph(1), claim=Claim("w", 30))
+    late = await store.stage_output(other.id, "9/a.png", b"late", "image/png")
+    assert await store.cancel_job("acme", other.id)
+    assert not await store.complete_job(other.id, {}, [late])
+    assert await store.list_outputs("acme", other.id) == []
 
 
 async def test_racing_completions_complete_once(store: JobStore) -> None:
