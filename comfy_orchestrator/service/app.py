@@ -41,8 +41,10 @@ from comfy_orchestrator.service import (
 from comfy_orchestrator.service.auth import auth_middleware
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.errors import error_middleware
+from comfy_orchestrator.service.feed import EventFeed
 from comfy_orchestrator.service.keys import (
     CLIENTS,
+    FEED,
     LIFECYCLE,
     MANAGED,
     NOTIFIER,
@@ -99,6 +101,8 @@ def create_app(
     app[PIPELINES] = PipelineJobs(store, app[POOL], known, evaluators,
                                   work_dir=state_dir / "pipeline-work", cache_dir=state_dir / "pipeline-cache")
     app[NOTIFIER] = Notifier()
+    app[FEED] = EventFeed()
+    store.watch_events(app[FEED].publish)
     if role is not None:
         app[PEERS] = PeerBus(role.bus_dir, role.index, role.count, functools.partial(_on_peer_message, app))
     app[LIFECYCLE] = Lifecycle(role)

@@ -9,6 +9,7 @@ from aiohttp import web
 from comfy_orchestrator.graph import Template
 from comfy_orchestrator.pool import Pool
 from comfy_orchestrator.service.backends import BackendClients
+from comfy_orchestrator.service.feed import EventFeed
 from comfy_orchestrator.service.managed import Supervisor
 from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.peers import PeerBus
@@ -19,6 +20,7 @@ from comfy_orchestrator.store import JobStore
 
 __all__ = [
     "CLIENTS",
+    "FEED",
     "LIFECYCLE",
     "MANAGED",
     "NOTIFIER",
@@ -38,6 +40,7 @@ POOL = web.AppKey("pool", Pool)
 CLIENTS = web.AppKey("clients", BackendClients)
 TEMPLATES = web.AppKey("templates", dict[str, Template])
 NOTIFIER = web.AppKey("notifier", Notifier)
+FEED = web.AppKey("feed", EventFeed)  # the events this process committed lately, for the event sockets
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 MANAGED = web.AppKey("managed", Supervisor)  # the [managed] local ComfyUI processes (none when not configured)
 PIPELINES = web.AppKey("pipelines", PipelineJobs)  # runs pipeline-kind jobs (and owns the evaluator)

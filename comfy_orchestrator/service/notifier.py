@@ -3,7 +3,9 @@ when to look again (and readers and workers still poll, for what other processes
 several processes (``service.peers``), ``relay`` passes each wake-up on to the siblings.
 
 * ``notify`` / ``wait``: for event readers. Whoever appends an event calls ``notify``; every reader
-  waiting in ``wait`` returns at once instead of at its next poll.
+  waiting in ``wait`` returns at once instead of at its next poll. Readers take what this process
+  committed from the ``EventFeed``; a wake-up passed on from a sibling (``relay=False``) counts in
+  ``foreign``, which tells them to read the store instead.
 * ``job_queued`` / ``next_job``: for workers. Each job put in the queue wakes *one* idle worker, not
   all of them: a herd of workers racing to claim one job costs a claim transaction each. A queued
   job also carries an event, so ``job_queued`` wakes the readers too.
@@ -60,20 +62,26 @@ class Notifier:
         self._reserved: set[asyncio.Future[JobRecord | None]] = set()
         self.generation = 0
         """How many jobs were queued through ``job_queued`` so far."""
+        self.foreign = 0
+        """How many wake-ups came from elsewhere (``relay=False``): events this process's feed lacks."""
 
     def notify(self, *, relay: bool = True) -> None:
-        """Wake every event reader (and, with ``relay``, those of the sibling processes)."""
+        """Wake every event reader (and, with ``relay``, those of the sibling processes). Without
+        ``relay`` the wake-up came from a sibling (or has no event of this process behind it)."""
+        if not relay:
+            self.foreign += 1
         self._event.set()
         self._event = asyncio.Event()
         if relay and self.relay is not None:
             self.relay("e")
 
-    async def wait(self, timeout: float) -> None:
-        """Until the next ``notify`` or ``timeout`` seconds, whichever comes first."""
+    async def wait(self, timeout: float) -> bool:
+        """Until the next ``notify`` (True) or ``timeout`` seconds (False), whichever comes first."""
         event = self._event
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
-                await event.wait()
+                return await event.wait()
+        return False
 
     def job_queued(self, *, relay: bool = True) -> None:
         """A job became claimable: wake the longest idle worker (if any; else, with ``relay``, one in

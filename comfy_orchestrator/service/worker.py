@@ -81,15 +81,21 @@ class Worker:
 
     async def run(self, stopping: asyncio.Event) -> None:
         stop = asyncio.ensure_future(stopping.wait())
+        empty_at: int | None = None  # the generation at which a claim last found the queue empty
         try:
             while not stopping.is_set():
                 generation = self.notifier.generation  # read before the claim: no wake-up is lost
-                job = await self.store.claim_next(self.worker_id, lease_s=self.lease_s)
-                if job is not None:
-                    self.notifier.notify()  # its `running` event
-                else:
+                job = None
+                if generation != empty_at:  # else nothing was queued here since: no claim to try
+                    job = await self.store.claim_next(self.worker_id, lease_s=self.lease_s)
+                    if job is not None:
+                        self.notifier.notify()  # its `running` event
+                    else:
+                        empty_at = generation
+                if job is None:
                     job = await self._idle(generation, stop)  # a job created for this worker, or None
-                    if job is None:
+                    if job is None:  # woken, or the poll: claim (leases run out, siblings queue)
+                        empty_at = None
                         continue
                 try:
                     await self.process(job)

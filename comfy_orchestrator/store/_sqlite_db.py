@@ -16,6 +16,11 @@ Processes sharing the file (a multi-process service) take turns through ``flock`
 ``{path}.writelock`` around each write transaction: the kernel wakes the next writer the moment the
 lock is free, where SQLite's own busy handler would sleep and retry (1 ms, 2 ms, 5 ms, …).
 
+Each transaction's events (``ops.event`` on the writer's ``WriterConnection``; an operation rolled back
+to its savepoint takes its events with it) go to ``Database.on_events`` on the event loop once the
+commit is durable, before any caller of the batch is answered: a listener sees every event this
+handle commits, in ``seq`` order, and never one that was rolled back.
+
 Reads (``read(op)``) are batched the same way on the reader connection's thread, in one read
 transaction per batch; in WAL mode they see every committed transaction and never wait for the
 writer. Either way, one trip to a thread per batch replaces one per statement.
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from comfy_orchestrator.store.errors import StoreClosed, StoreError
+from comfy_orchestrator.store.types import EventRecord
 
 __all__ = [
     "MAX_BATCH",
@@ -45,6 +51,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Database",
     "Outcome",
+    "WriterConnection",
     "connect",
     "migrate",
     "run_reads",
@@ -167,10 +174,20 @@ def migrate(db: sqlite3.Connection, path: str) -> int:
     return found
 
 
+class WriterConnection(sqlite3.Connection):
+    """The writer's connection; ``events`` gathers the events of the transaction it is running."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[EventRecord] = []
+
+
 def connect(path: Path, *, synchronous: str, busy_timeout: float, writer: bool = True) -> sqlite3.Connection:
     """A connection in autocommit mode (the store opens its own transactions), WAL, rows by name;
-    the writer also brings the schema to ``SCHEMA_VERSION``. Usable from any one thread at a time."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    the writer (a ``WriterConnection``) also brings the schema to ``SCHEMA_VERSION``. Usable from
+    any one thread at a time."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                         factory=WriterConnection if writer else sqlite3.Connection)
     try:
         db.row_factory = sqlite3.Row
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -199,10 +216,13 @@ def run_writes(db: sqlite3.Connection, ops: list[Op[Any]]) -> list[Outcome]:
     durable. Raises when the transaction as a whole failed (BEGIN, COMMIT, or an error after which
     SQLite rolled everything back): then nothing of it was committed."""
     outcomes: list[Outcome] = []
+    events = db.events if isinstance(db, WriterConnection) else []
+    events.clear()
     db.execute("BEGIN IMMEDIATE")
     try:
         for op in ops:
             db.execute("SAVEPOINT op")
+            mark = len(events)
             try:
                 result = op(db)
             except Exception as exc:
@@ -210,12 +230,14 @@ def run_writes(db: sqlite3.Connection, ops: list[Op[Any]]) -> list[Outcome]:
                     raise
                 db.execute("ROLLBACK TO op")
                 db.execute("RELEASE op")
+                del events[mark:]
                 outcomes.append((False, exc))
             else:
                 db.execute("RELEASE op")
                 outcomes.append((True, result))
         db.execute("COMMIT")
     except BaseException:
+        events.clear()
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
@@ -253,9 +275,15 @@ class _Lane:
     ``run_reads``); the outcomes come back to the loop in one callback, which answers the callers
     and hands the thread the next batch. No task and one trip per batch, however many callers."""
 
-    def __init__(self, name: str, run: Callable[[sqlite3.Connection, list[Op[Any]]], list[Outcome]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[sqlite3.Connection, list[Op[Any]]], list[Outcome]],
+        on_batch: Callable[[], None] | None = None,
+    ) -> None:
         self.name = name
         self._run = run
+        self._on_batch = on_batch  # on the loop after a batch ran to the end, before its callers are answered
         self._db: sqlite3.Connection | None = None
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -343,6 +371,11 @@ class _Lane:
         batch, self._running = self._running, []
         if ok:
             self.batches += 1
+            if self._on_batch is not None:
+                try:
+                    self._on_batch()
+                except Exception:  # a listener's bug must not strand the callers
+                    log.exception("%s: the batch listener failed", self.name)
         else:
             log.warning("%s: a batch of %d operations failed: %r", self.name, len(batch), value)
         outcomes: list[Outcome] = value if ok else [(False, value)] * len(batch)
@@ -360,7 +393,10 @@ class Database:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
-        self._writer = _Lane(f"sqlite-writer:{path.name}", self._run_writes)
+        self._writer = _Lane(f"sqlite-writer:{path.name}", self._run_writes, self._publish)
+        self._committed: list[EventRecord] = []  # the last batch's events: set on the writer's thread
+        self.on_events: Callable[[list[EventRecord]], None] | None = None
+        """Called on the loop with each committed transaction's events (see the module's docstring)."""
         self._write_lock: int | None = None  # fd of {path}.writelock, opened with the writer
         self._reader = _Lane(f"sqlite-reader:{path.name}", run_reads)
         self._open_lock = asyncio.Lock()
@@ -403,9 +439,17 @@ class Database:
         assert self._write_lock is not None
         fcntl.flock(self._write_lock, fcntl.LOCK_EX)
         try:
-            return run_writes(db, ops)
+            outcomes = run_writes(db, ops)
         finally:
             fcntl.flock(self._write_lock, fcntl.LOCK_UN)
+        assert isinstance(db, WriterConnection)
+        self._committed = db.events[:]
+        return outcomes
+
+    def _publish(self) -> None:
+        events, self._committed = self._committed, []
+        if events and self.on_events is not None:
+            self.on_events(events)
 
     def _close_write_lock(self) -> None:
         fd, self._write_lock = self._write_lock, None

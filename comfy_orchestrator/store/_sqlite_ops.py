@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from comfy_orchestrator.store._codec import datetime_us, decode_cursor, dumps, from_us, loads
+from comfy_orchestrator.store._sqlite_db import WriterConnection
 from comfy_orchestrator.store.errors import IdempotencyConflict, JobNotFound, JobNotRunning, QueueFull
 from comfy_orchestrator.store.types import (
     AttemptState,
@@ -74,7 +75,10 @@ def event(
     cursor = db.execute("INSERT INTO events (job_id, tenant, type, data, at_us) VALUES (?, ?, ?, ?, ?)",
                               (job_id, tenant, str(type), text, now))
     assert cursor.lastrowid is not None
-    return EventRecord(cursor.lastrowid, job_id, tenant, str(type), loads(text), from_us(now))
+    record = EventRecord(cursor.lastrowid, job_id, tenant, str(type), loads(text), from_us(now))
+    if isinstance(db, WriterConnection):  # the transaction's events, for Database.on_events
+        db.events.append(record)
+    return record
 
 
 def end_attempts(

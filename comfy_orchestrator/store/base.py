@@ -21,7 +21,7 @@ Guarantees an implementation must keep (``tests/store/test_contract.py`` checks 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from comfy_orchestrator.store.types import (
@@ -46,6 +46,12 @@ class JobStore(Protocol):
 
     async def close(self) -> None:
         """Release connections; further calls raise ``StoreClosed``. Idempotent."""
+
+    def watch_events(self, listener: Callable[[Sequence[EventRecord]], None] | None) -> None:
+        """Call ``listener`` (one at a time; None: stop) on the event loop with the events each
+        write transaction of this handle commits, in ``seq`` order, once the commit is durable and
+        before any caller of that transaction is answered. Only this handle's: other processes'
+        events are seen by reading (``events_since``)."""
 
     # -- the API's side ------------------------------------------------------------------------
 

@@ -109,6 +109,9 @@ class SQLiteJobStore:
     async def close(self) -> None:
         await self._db.close()
 
+    def watch_events(self, listener: Callable[[Sequence[EventRecord]], None] | None) -> None:
+        self._db.on_events = listener
+
     @property
     def commits(self) -> int:
         """Write transactions this handle committed: writes that come together share one."""

@@ -1,4 +1,5 @@
-"""The event socket replays what a reader missed (``after=SEQ``), then follows new events."""
+"""The event socket replays what a reader missed (``after=SEQ``), then follows new events: this
+process's from its feed, anyone else's from the store."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from comfy_orchestrator.service.keys import NOTIFIER, STORE
+from comfy_orchestrator.store import EventRecord, SQLiteJobStore
 from tests.service.conftest import TOKENS, Service, auth, ops_graph
 
 
@@ -61,3 +64,35 @@ async def test_events_are_per_tenant(service: Service) -> None:
 async def test_bad_after_is_400(service: Service) -> None:
     async with service.session.get(f"{service.url}/v1/events", params={"after": "-1"}, headers=auth()) as resp:
         assert resp.status == 400
+
+
+async def test_live_events_come_from_the_feed_and_a_siblings_from_the_store(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = service.app[STORE]
+    reads: list[int] = []
+    read = store.events_since
+
+    async def counted(tenant: str, seq: int, **kwargs: Any) -> list[EventRecord]:
+        reads.append(seq)
+        return await read(tenant, seq, **kwargs)
+
+    monkeypatch.setattr(store, "events_since", counted)
+    async with service.session.ws_connect(f"{service.url}/v1/events", headers=auth()) as ws:
+        seen: list[dict[str, Any]] = []
+        for color in range(4):
+            async with await service.submit({"graph": ops_graph(color=color)}) as resp:
+                job_id = (await resp.json())["id"]
+            seen += await _read_until(ws, job_id, "job.succeeded")
+        assert len(seen) >= 16
+        assert [e["seq"] for e in seen] == list(range(seen[0]["seq"], seen[-1]["seq"] + 1))
+        assert len(reads) < len(seen) // 2  # the first read and the odd poll, not one per wake-up
+
+        # another process's event is not in this process's feed: its wake-up reads the store
+        async with SQLiteJobStore(store.path, store.blobs.root) as sibling:
+            theirs = await sibling.append_event(job_id, "job.progress", {"from": "sibling"})
+        before = len(reads)
+        service.app[NOTIFIER].notify(relay=False)
+        event = await _read_until(ws, job_id, "job.progress")
+        assert event[-1]["seq"] == theirs.seq
+        assert len(reads) > before

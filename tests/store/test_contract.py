@@ -220,6 +220,7 @@ async def test_a_job_created_with_a_claim_is_running_under_that_lease(
     assert not created_again
     assert again.lease_owner == "w1"
     # a lease taken at creation runs out like any other
+    assert await store.complete_job(older.id, {})
     assert await store.start_attempt(job.id, "gpu-a", "p1")
     clock.advance(11)
     reclaimed = await store.claim_next("w2", lease_s=10)
@@ -422,6 +423,22 @@ async def test_events_since_replays_exactly_what_was_missed(store: JobStore) -> 
     assert await store.events_since("acme", 0, limit=3) == seen[:3]
     with pytest.raises(JobNotFound):
         await store.append_event("nope", "progress")
+
+
+async def test_a_watcher_gets_what_its_handle_commits_before_the_writer_hears(open_store: OpenStore) -> None:
+    mine, theirs = await open_store(), await open_store()  # theirs: another process, as far as the store can tell
+    watched: list[int] = []
+    mine.watch_events(lambda events: watched.extend(e.seq for e in events))
+    job, _ = await mine.create_job("acme", "graph", graph(0))
+    other, _ = await theirs.create_job("acme", "graph", graph(1))
+    appended = await asyncio.gather(*(store.append_event(j.id, "job.progress", {"i": i})
+                                      for i in range(10) for store, j in ((mine, job), (theirs, other))))
+    assert [e.seq for e in appended if e.job_id == job.id and e.seq not in watched] == []  # before the answer
+    every = await mine.events_since("acme", 0)
+    assert watched == [e.seq for e in every if e.job_id == job.id]
+    mine.watch_events(None)
+    await mine.append_event(job.id, "job.progress")
+    assert len(watched) == 11
 
 
 async def test_a_reader_following_writers_misses_nothing(open_store: OpenStore) -> None:

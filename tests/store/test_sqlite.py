@@ -222,3 +222,26 @@ async def test_closing_lets_queued_writes_commit_then_refuses(tmp_path: Path) ->
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as reopened:
         for job in created:
             assert await reopened.get_job("acme", job.id) == job
+
+
+async def test_watchers_never_see_an_event_whose_operation_was_rolled_back(tmp_path: Path) -> None:
+    from comfy_orchestrator.store import _sqlite_ops as ops
+
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        batches: list[list[str]] = []
+        store.watch_events(lambda events: batches.append([e.type for e in events]))
+        job, _ = await store.create_job("acme", "graph", graph())
+
+        def fails(db: sqlite3.Connection) -> None:
+            ops.event(db, job.id, "acme", "job.doomed", {}, 0)
+            raise RuntimeError("rolled back to its savepoint")
+
+        blocker = asyncio.ensure_future(store.append_event(job.id, "job.first"))  # the lane is busy…
+        results = await asyncio.gather(store.append_event(job.id, "job.before"), store._db.write(fails),
+                                       store.append_event(job.id, "job.after"), return_exceptions=True)
+        await blocker
+        assert isinstance(results[1], RuntimeError)
+        assert batches[0] == ["job.queued"]
+        assert batches[1:] == [["job.first"], ["job.before", "job.after"]]  # …so these three shared a commit
+        assert [e.type for e in await store.events_since("acme", 0)] == ["job.queued", "job.first", "job.before",
+                                                                          "job.after"]
