@@ -66,6 +66,9 @@ class ServerSettings(_Section):
     # and of every backend's ``max_in_flight``, over the one store. Above 1 the store is the only
     # shared state; [managed] backends need a single process.
     processes: int = Field(default=1, ge=1, le=64)
+    # The event loop each service process runs: "auto" takes uvloop (libuv) when it is installed
+    # (a dependency everywhere but Windows), else asyncio's own; "uvloop" refuses to start without it.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
 class StoreSettings(_Section):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from click.testing import CliRunner
 
 from comfy_orchestrator._child import free_port
@@ -36,7 +37,7 @@ async def test_serve_answers_then_drains_on_sigterm(tmp_path: Path) -> None:
             f'[[tokens]]\ntoken = "{TOKENS["acme"]}"\ntenant = "acme"\n'
         )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "comfy_orchestrator", "serve", "--config", str(config),
+            sys.executable, "-m", "comfy_orchestrator", "-v", "serve", "--config", str(config),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         try:
@@ -52,3 +53,17 @@ async def test_serve_answers_then_drains_on_sigterm(tmp_path: Path) -> None:
                 await proc.wait()
         assert proc.returncode == 0, output.decode()
         assert b"Traceback" not in output
+        assert b"(event loop: uvloop)" in output  # "auto", and uvloop is a dependency here
+
+
+def test_an_event_loop_that_cannot_be_had_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as where it is not installed
+    path = tmp_path / "service.toml"
+    path.write_text('[server]\nevent_loop = "uvloop"\n[[backends]]\nname = "a"\nurl = "http://127.0.0.1:9"\n')
+    result = CliRunner().invoke(main, ["serve", "--config", str(path)])
+    assert result.exit_code != 0
+    assert "uvloop is not installed" in result.output
+    assert "Traceback" not in result.output
+    path.write_text('[server]\nevent_loop = "libuv"\n')
+    result = CliRunner().invoke(main, ["serve", "--config", str(path)])
+    assert "server.event_loop" in result.output
