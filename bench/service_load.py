@@ -3,8 +3,9 @@
 
 The service runs as it does in production, ``python -m comfy_orchestrator serve --config FILE``, in a
 process of its own (so its RSS is its own, read from ``/proc/PID/status``), over test doubles
-(``comfy_orchestrator.testing.FakeComfyUI``) with no latency, in a third process, so that neither
-shares an event loop with this one, which drives the load with plain aiohttp. Every job is the same
+(``comfy_orchestrator.testing.FakeComfyUI``) with no latency, each in a process of its own, so that
+none shares an event loop with this one, which drives the load with plain aiohttp (or, with
+``--drivers N``, N driver processes share the load, started together once each has warmed up). Every job is the same
 trivial graph (EmptyImage 8×8 → SaveImage, a new colour each time so no cache answers).
 
 * ``throughput``: ``--submitters`` concurrent loops, each: ``POST /v1/jobs`` → its ``job.succeeded``
@@ -21,13 +22,14 @@ a service of several processes has its CPU time and RSS summed over the supervis
 
 ``throughput`` also gives the service's CPU time per job and how busy it kept one core (from
 ``/proc/PID/stat``), which tells a CPU-bound service from one waiting on its disk, and the CPU time
-per job of the harness (this driver and the doubles), which shares the machine's cores with the
-service; ``--store-dir /dev/shm`` puts the job store on tmpfs, taking fsync out of the figures.
+per job of the harness (the drivers and the doubles), which shares the machine's cores with the
+service, with how busy the drivers were (one near 1.0 is itself the limit: add ``--drivers``);
+``--store-dir /dev/shm`` puts the job store on tmpfs, taking fsync out of the figures.
 
 Prints JSON.
 
     python bench/service_load.py                  # the full run: 2000 jobs, 300 latency pairs; 1 and 4 processes
-    python bench/service_load.py --processes 1,8  # one process against eight (on a machine with the cores)
+    python bench/service_load.py --processes 1,8 --drivers 4  # one process against eight (with the cores)
     python bench/service_load.py --quick          # a smoke run: 200 jobs, 50 pairs
 """
 
@@ -97,14 +99,19 @@ async def stop(proc: asyncio.subprocess.Process, *, signal_first: bool = False) 
         await proc.wait()
 
 
-async def start_doubles(stack: AsyncExitStack, count: int) -> tuple[asyncio.subprocess.Process, list[str]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve-doubles", str(count),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )
-    stack.push_async_callback(stop, proc)
-    assert proc.stdout is not None
-    return proc, [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip() for _ in range(count)]
+async def start_doubles(stack: AsyncExitStack, count: int) -> tuple[list[asyncio.subprocess.Process], list[str]]:
+    """``count`` doubles, each in a process of its own (as each ComfyUI is): none waits on another's loop."""
+    procs, urls = [], []
+    for _ in range(count):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--serve-doubles", "1",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        stack.push_async_callback(stop, proc)
+        assert proc.stdout is not None
+        procs.append(proc)
+        urls.append((await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip())
+    return procs, urls
 
 
 def free_port() -> int:
@@ -266,8 +273,74 @@ async def throughput(path: ServicePath, jobs: int, submitters: int) -> dict[str,
     started = time.perf_counter()
     await asyncio.gather(*(submitter() for _ in range(submitters)))
     measured = time.perf_counter() - started
+    return load_figures(jobs, submitters, measured, latencies)
+
+
+def load_figures(jobs: int, submitters: int, measured: float, latencies: Sequence[float]) -> dict[str, Any]:
     return {"jobs": jobs, "submitters": submitters, "measured_s": round(measured, 3),
             "jobs_per_s": round(jobs / measured, 1), "job_latency": summary(latencies)}
+
+
+async def drive(url: str, jobs: int, submitters: int, warmup: int) -> None:
+    """The ``--drive URL`` mode, one of ``--drivers N`` load processes: warm up, say ``ready``, wait
+    for a line on stdin, run ``jobs`` jobs, print their latencies as JSON, exit when stdin closes."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        path = ServicePath(session, url)
+        await path.open()
+        try:
+            await throughput(path, warmup, submitters)
+            print("ready", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+            latencies: list[float] = []
+            counter = itertools.count()
+
+            async def submitter() -> None:
+                while next(counter) < jobs:
+                    start = time.perf_counter()
+                    await path.run(job_graph())
+                    latencies.append(time.perf_counter() - start)
+
+            await asyncio.gather(*(submitter() for _ in range(submitters)))
+            print(json.dumps(latencies), flush=True)
+            await asyncio.to_thread(sys.stdin.read)  # until told to stop: its CPU time is read first
+        finally:
+            await path.close()
+
+
+async def start_drivers(stack: AsyncExitStack, url: str, jobs: int, submitters: int, drivers: int,
+                        warmup: int) -> list[asyncio.subprocess.Process]:
+    """``drivers`` load processes (``--drive``) sharing ``jobs`` and ``submitters``, each warmed up
+    and waiting for ``run_drivers`` to start them together: one driver's event loop is not the limit."""
+    procs = []
+    for n in range(drivers):
+        share = jobs // drivers + (n < jobs % drivers)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--drive", url, "--jobs", str(share),
+            "--submitters", str(max(1, submitters // drivers)), "--warmup", str(max(1, warmup // drivers)),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        stack.push_async_callback(stop, proc)
+        procs.append(proc)
+    for proc in procs:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"a driver process failed to start: {line!r}")
+    return procs
+
+
+async def run_drivers(procs: Sequence[asyncio.subprocess.Process], jobs: int, submitters: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+    results = []
+    for proc in procs:
+        assert proc.stdout is not None
+        results.append(json.loads(await proc.stdout.readline()))
+    measured = time.perf_counter() - started
+    return load_figures(jobs, submitters, measured, [t for r in results for t in r])
 
 
 # -- latency ------------------------------------------------------------------------------------------
@@ -333,20 +406,36 @@ async def measure_one(args: argparse.Namespace, processes: int, *, jobs: int, pa
         await path.open()
         stack.push_async_callback(path.close)
 
-        def harness_cpu() -> float:
-            return cpu_s(os.getpid(), children=False) + cpu_s(doubles.pid)
-
         rss_start = rss_mb(proc.pid)
         await throughput(path, warmup, args.submitters)  # warm-up: sockets, caches, first SQLite pages
-        rss_before, cpu_before, harness_before = rss_mb(proc.pid), cpu_s(proc.pid), harness_cpu()
-        load = await throughput(path, jobs, args.submitters)
+        drivers = (await start_drivers(stack, url, jobs, args.submitters, args.drivers, warmup)
+                   if args.drivers > 1 else [])
+
+        def driver_cpu() -> float:
+            if drivers:
+                return sum(cpu_s(d.pid) for d in drivers)
+            return cpu_s(os.getpid(), children=False)
+
+        def doubles_cpu() -> float:
+            return sum(cpu_s(d.pid) for d in doubles)
+
+        rss_before, cpu_before = rss_mb(proc.pid), cpu_s(proc.pid)
+        driver_before, doubles_before = driver_cpu(), doubles_cpu()
+        if drivers:
+            load = await run_drivers(drivers, jobs, args.submitters)
+        else:
+            load = await throughput(path, jobs, args.submitters)
         rss_after, cpu = rss_mb(proc.pid), cpu_s(proc.pid) - cpu_before
-        harness = harness_cpu() - harness_before
+        driver, doubled = driver_cpu() - driver_before, doubles_cpu() - doubles_before
         load["service_cpu_ms_per_job"] = round(cpu / jobs * 1000, 3)
         load["service_cpu_busy"] = round(cpu / load["measured_s"], 3)  # 1.0: one core all the time
         # what this driver and the doubles spent: on a machine with few cores they compete with the
-        # service, and (cores × 1000) / (service + harness ms per job) bounds the jobs/s it can show
-        load["harness_cpu_ms_per_job"] = round(harness / jobs * 1000, 3)
+        # service, and (cores × 1000) / (service + harness ms per job) bounds the jobs/s it can show;
+        # a driver busy near 1.0 is the limit itself (one event loop)
+        load["harness_cpu_ms_per_job"] = round((driver + doubled) / jobs * 1000, 3)
+        load["drivers"] = max(1, args.drivers)
+        load["driver_cpu_busy"] = round(driver / load["measured_s"], 3)  # summed over the drivers
+        load["doubles_cpu_busy"] = round(doubled / load["measured_s"], 3)
         lat = await latency(path, urls[0], pairs, warmup=10)
         rss_end = rss_mb(proc.pid)
     rss = {"at_ready_mb": round(rss_start, 1), "before_mb": round(rss_before, 1), "after_mb": round(rss_after, 1),
@@ -377,9 +466,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "service_load",
         "quick": args.quick,
         "setup": {"backends": args.backends, "max_in_flight": args.max_in_flight, "workers": args.workers,
+                  "drivers": args.drivers,
                   "store_dir": args.store_dir or tempfile.gettempdir(), "submitters": args.submitters,
                   "jobs": jobs, "warmup_jobs": warmup, "latency_pairs": pairs,
-                  "double": "FakeComfyUI, no latency, own process",
+                  "double": "FakeComfyUI, no latency, a process each",
                   "service": "python -m comfy_orchestrator serve, own process(es)"},
         "baseline": f"[server] processes = {base['processes']} (the first run); the latency baseline of every "
                     "run is ComfyClient.run + download straight against the same double",
@@ -408,10 +498,18 @@ async def main() -> None:
                         help="where the job store and outputs go (default: the system's temp folder); "
                              "/dev/shm takes fsync out of the figures")
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 jobs, 50 latency pairs")
+    parser.add_argument("--drivers", type=int, default=1,
+                        help="processes the throughput load comes from, --submitters shared among them (1: "
+                             "this one; on a machine with cores to spare, more keep one driver's loop from "
+                             "being the limit)")
     parser.add_argument("--serve-doubles", type=int, metavar="N", help=argparse.SUPPRESS)
+    parser.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_doubles:
         await serve_doubles(args.serve_doubles)
+        return
+    if args.drive:
+        await drive(args.drive, args.jobs, args.submitters, args.warmup)
         return
     print(json.dumps(await measure(args), indent=2))
 
