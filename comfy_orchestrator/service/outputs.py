@@ -50,6 +50,8 @@ async def stream_output(request: web.Request, job_id: str, name: str) -> web.Str
         first = await anext(chunks, b"")  # the file is opened here: a missing one is a 404, not a cut 200
     except FileNotFoundError:
         raise ApiError(404, "OutputNotFound", f"job {job_id!r} has no output {name!r}") from None
+    if len(first) == output.size:  # all of it in one chunk: headers and body leave in one write
+        return web.Response(body=first, headers={**headers, "Content-Type": output.content_type})
     response = web.StreamResponse(headers=headers)
     response.content_type = output.content_type
     response.content_length = output.size
