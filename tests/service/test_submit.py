@@ -101,3 +101,24 @@ async def test_the_attempt_is_stored_with_the_prompt_id_the_backend_ran(service:
     assert attempt.prompt_id == job["result"]["prompt_id"]
     async with ComfyClient(service.doubles[0].url) as comfy:
         assert await comfy.history(attempt.prompt_id) is not None
+
+
+async def test_a_job_posted_while_a_worker_is_idle_is_created_already_claimed(service: Service) -> None:
+    await asyncio.sleep(0.3)  # both workers have found the queue empty and wait
+    job = await _run_to_done(service, {"graph": ops_graph(color=0x00FF00)})
+    assert job["state"] == "succeeded", job
+    events = await service.app[STORE].events_since("acme", 0, job_ids=[job["id"]])
+    queued, running = events[0], events[1]
+    assert (queued.type, running.type) == ("job.queued", "job.running")
+    assert running.seq == queued.seq + 1
+    assert running.at == queued.at  # one transaction: no claim came after the create
+    # a repeated key finds the job as it is: the worker set aside for it goes back to the queue
+    key = "same-body"
+    first = await service.submit({"graph": ops_graph(color=0x0000FF)}, key=key)
+    again = await service.submit({"graph": ops_graph(color=0x0000FF)}, key=key)
+    assert (first.status, again.status) == (202, 200)
+    job_id = (await first.json())["id"]
+    assert (await again.json())["id"] == job_id
+    await service.wait_state(job_id, "succeeded")
+    later = await _run_to_done(service, {"graph": ops_graph(color=0x0000FE)})
+    assert later["state"] == "succeeded"
