@@ -42,7 +42,7 @@ __all__ = ["JobStore"]
 
 
 class JobStore(Protocol):
-    """Jobs, attempts, steps, events and outputs, durably. All methods are coroutines."""
+    """Jobs, attempts, steps, events and outputs, durably. All methods but ``watch_events`` are coroutines."""
 
     async def close(self) -> None:
         """Release connections; further calls raise ``StoreClosed``. Idempotent."""

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from comfy_orchestrator.store import _sqlite_ops as ops
 from comfy_orchestrator.store import _sqlite_rows as rows
-from comfy_orchestrator.store._codec import body_hash, dumps, encode_cursor, from_us, loads, to_us
+from comfy_orchestrator.store._codec import body_hash, datetime_us, dumps, encode_cursor, from_us, loads, to_us
 from comfy_orchestrator.store._sqlite_db import Database
 from comfy_orchestrator.store.blobs import BlobStore
 from comfy_orchestrator.store.errors import JobNotFound, JobNotRunning, OutputNotFound
@@ -323,16 +323,17 @@ class SQLiteJobStore:
         # here, and again, definitively, in the transaction that records the name).
         state = asyncio.ensure_future(self._db.fetch("SELECT state FROM jobs WHERE id = ?", (job_id,)))
         try:
-            blob = await self.blobs.put(data)
+            staged = await self.stage_output(job_id, name, data, content_type)
         finally:
             found = await state
         if not found:
             raise JobNotFound(job_id)
         if JobState(found[0]["state"]).final:
             raise JobNotRunning(job_id, found[0]["state"])
-        now = self._now()
-        await self._db.write(lambda db: ops.record_output(db, job_id, name, blob.sha256, blob.size, content_type, now))
-        return OutputRecord(job_id, name, blob.sha256, blob.size, content_type, blob.path, from_us(now))
+        created = datetime_us(staged.created)
+        await self._db.write(lambda db: ops.record_output(db, job_id, name, staged.sha256, staged.size, content_type,
+                                                           created))
+        return staged
 
     async def stage_output(
         self,
