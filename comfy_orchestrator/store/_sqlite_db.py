@@ -14,7 +14,9 @@ company, so an idle store answers as fast as before.
 
 Processes sharing the file (a multi-process service) take turns through ``flock`` on
 ``{path}.writelock`` around each write transaction: the kernel wakes the next writer the moment the
-lock is free, where SQLite's own busy handler would sleep and retry (1 ms, 2 ms, 5 ms, …).
+lock is free, where SQLite's own busy handler would sleep and retry (1 ms, 2 ms, 5 ms, …). The
+batch is topped up once the lock is held: the writes that came while the other processes had their
+turns share its commit instead of waiting for a commit of their own.
 
 Each transaction's events (``ops.event`` on the writer's ``WriterConnection``; an operation rolled back
 to its savepoint takes its events with it) go to ``Database.on_events`` on the event loop once the
@@ -367,6 +369,20 @@ class _Lane:
         run, ops = self._run, [q.op for q in batch]
         self._post(lambda: run(db, ops), self._batch_done)
 
+    def take_more(self, ops: list[Op[Any]]) -> None:
+        """On the thread, while a batch runs: move what was queued since the batch was cut into it
+        (``MAX_BATCH`` in all at most), appending their operations to ``ops``. Meanwhile the loop
+        only appends to the queue, and each list operation here is atomic under the GIL."""
+        room = MAX_BATCH - len(self._running)
+        if room <= 0 or not self._queued:
+            return
+        taken = self._queued[:room]
+        del self._queued[:len(taken)]
+        for q in taken:
+            if not q.future.cancelled():  # cancelled: never run
+                self._running.append(q)
+                ops.append(q.op)
+
     def _batch_done(self, ok: bool, value: Any) -> None:
         batch, self._running = self._running, []
         if ok:
@@ -439,6 +455,7 @@ class Database:
         assert self._write_lock is not None
         fcntl.flock(self._write_lock, fcntl.LOCK_EX)
         try:
+            self._writer.take_more(ops)  # what came while another process had its turn joins this commit
             outcomes = run_writes(db, ops)
         finally:
             fcntl.flock(self._write_lock, fcntl.LOCK_UN)
