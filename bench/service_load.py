@@ -260,7 +260,8 @@ class ServicePath:
         return fetched
 
 
-async def throughput(path: ServicePath, jobs: int, submitters: int) -> dict[str, Any]:
+async def run_jobs(path: ServicePath, jobs: int, submitters: int) -> list[float]:
+    """``jobs`` jobs end to end from ``submitters`` concurrent loops; each one's latency."""
     counter = itertools.count()
     latencies: list[float] = []
 
@@ -270,10 +271,14 @@ async def throughput(path: ServicePath, jobs: int, submitters: int) -> dict[str,
             await path.run(job_graph())
             latencies.append(time.perf_counter() - start)
 
-    started = time.perf_counter()
     await asyncio.gather(*(submitter() for _ in range(submitters)))
-    measured = time.perf_counter() - started
-    return load_figures(jobs, submitters, measured, latencies)
+    return latencies
+
+
+async def throughput(path: ServicePath, jobs: int, submitters: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    latencies = await run_jobs(path, jobs, submitters)
+    return load_figures(jobs, submitters, time.perf_counter() - started, latencies)
 
 
 def load_figures(jobs: int, submitters: int, measured: float, latencies: Sequence[float]) -> dict[str, Any]:
@@ -291,17 +296,7 @@ async def drive(url: str, jobs: int, submitters: int, warmup: int) -> None:
             await throughput(path, warmup, submitters)
             print("ready", flush=True)
             await asyncio.to_thread(sys.stdin.readline)
-            latencies: list[float] = []
-            counter = itertools.count()
-
-            async def submitter() -> None:
-                while next(counter) < jobs:
-                    start = time.perf_counter()
-                    await path.run(job_graph())
-                    latencies.append(time.perf_counter() - start)
-
-            await asyncio.gather(*(submitter() for _ in range(submitters)))
-            print(json.dumps(latencies), flush=True)
+            print(json.dumps(await run_jobs(path, jobs, submitters)), flush=True)
             await asyncio.to_thread(sys.stdin.read)  # until told to stop: its CPU time is read first
         finally:
             await path.close()

@@ -59,7 +59,6 @@ class Notifier:
         sibling processes; None in a service of one process."""
         self._event = asyncio.Event()
         self._idle: collections.deque[tuple[asyncio.Future[JobRecord | None], Claim]] = collections.deque()
-        self._reserved: set[asyncio.Future[JobRecord | None]] = set()
         self.generation = 0
         """How many jobs were queued through ``job_queued`` so far."""
         self.foreign = 0
@@ -113,8 +112,6 @@ class Notifier:
         while self._idle:
             waiter, claim = self._idle.popleft()
             if not waiter.done():
-                self._reserved.add(waiter)
-                waiter.add_done_callback(self._reserved.discard)
                 return Reservation(claim, waiter)
         return None
 
@@ -123,11 +120,9 @@ class Notifier:
         when it is reserved and not yet answered: the worker must await it, a job may be on its way."""
         if waiter.done():
             return True
-        if waiter in self._reserved:
-            return False
-        waiter.cancel()
         for i, (idle, _) in enumerate(self._idle):
             if idle is waiter:
                 del self._idle[i]
-                break
-        return True
+                waiter.cancel()
+                return True
+        return False  # out of the idle queue yet not done: only ``reserve`` leaves a waiter so

@@ -460,7 +460,7 @@ class Database:
         finally:
             fcntl.flock(self._write_lock, fcntl.LOCK_UN)
         assert isinstance(db, WriterConnection)
-        self._committed = db.events[:]
+        self._committed, db.events = db.events, []
         return outcomes
 
     def _publish(self) -> None:

@@ -189,8 +189,8 @@ def finish(
     row = job_row(db, job_id, tenant)
     if JobState(row["state"]).final:
         return False
-    for o in outputs:
-        upsert_output(db, job_id, o.name, o.sha256, o.size, o.content_type, datetime_us(o.created))
+    for output in outputs:
+        upsert_output(db, output)
     end_attempts(db, job_id, attempt_state, error, now)
     db.execute(
         "UPDATE jobs SET state = ?, result = ?, error = ?, lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
@@ -290,24 +290,20 @@ def end_attempt(
     return cursor.rowcount == 1
 
 
-def record_output(
-    db: sqlite3.Connection, job_id: str, name: str, sha256: str, size: int, content_type: str, now: int
-) -> None:
-    """Name a stored blob as the job's output ``name`` (replacing one of that name)."""
-    row = job_row(db, job_id)
+def record_output(db: sqlite3.Connection, output: OutputRecord) -> None:
+    """Name a stored blob as its job's output (replacing one of that name) while the job runs."""
+    row = job_row(db, output.job_id)
     if JobState(row["state"]).final:
-        raise JobNotRunning(job_id, row["state"])
-    upsert_output(db, job_id, name, sha256, size, content_type, now)
+        raise JobNotRunning(output.job_id, row["state"])
+    upsert_output(db, output)
 
 
-def upsert_output(
-    db: sqlite3.Connection, job_id: str, name: str, sha256: str, size: int, content_type: str, created_us: int
-) -> None:
+def upsert_output(db: sqlite3.Connection, output: OutputRecord) -> None:
     db.execute(
         "INSERT INTO outputs (job_id, name, sha256, size, content_type, created_us) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (job_id, name) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size, "
         "content_type = excluded.content_type, created_us = excluded.created_us",
-        (job_id, name, sha256, size, content_type, created_us))
+        (output.job_id, output.name, output.sha256, output.size, output.content_type, datetime_us(output.created)))
 
 
 def upsert_step(

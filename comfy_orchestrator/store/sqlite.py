@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from comfy_orchestrator.store import _sqlite_ops as ops
 from comfy_orchestrator.store import _sqlite_rows as rows
-from comfy_orchestrator.store._codec import body_hash, datetime_us, dumps, encode_cursor, from_us, loads, to_us
+from comfy_orchestrator.store._codec import body_hash, dumps, encode_cursor, from_us, loads, to_us
 from comfy_orchestrator.store._sqlite_db import Database
 from comfy_orchestrator.store.blobs import BlobStore
 from comfy_orchestrator.store.errors import JobNotFound, JobNotRunning, OutputNotFound
@@ -330,9 +330,7 @@ class SQLiteJobStore:
             raise JobNotFound(job_id)
         if JobState(found[0]["state"]).final:
             raise JobNotRunning(job_id, found[0]["state"])
-        created = datetime_us(staged.created)
-        await self._db.write(lambda db: ops.record_output(db, job_id, name, staged.sha256, staged.size, content_type,
-                                                           created))
+        await self._db.write(lambda db: ops.record_output(db, staged))
         return staged
 
     async def stage_output(
