@@ -1,7 +1,7 @@
 """What a pool tells about its jobs, as typed events, and the fan-out to listeners.
 
 Per job, in order: ``queued``, then for each attempt ``dispatched`` (which backend) followed by
-``cached``, ``progress`` and ``preview`` as the server reports them, and ``retried`` (why) when the
+``cached``, ``progress``, ``preview`` and ``output`` as the server reports them, and ``retried`` (why) when the
 attempt failed in a way worth another try; finally exactly one of ``done``, ``failed`` (why) or
 ``cancelled``.
 """
@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from comfy_orchestrator.protocol import FileRef
+
 __all__ = ["EventKind", "Listener", "PoolEvent"]
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ class EventKind(enum.StrEnum):
     PROGRESS = "progress"  # a step inside a node (``fraction`` of that node, ``node``)
     PREVIEW = "preview"  # a preview image (``image``, ``mime``)
     CACHED = "cached"  # the server answered these ``nodes`` from its cache
+    OUTPUT = "output"  # ``node`` wrote these ``files`` (its ``executed``; the prompt may not have finished)
     RETRIED = "retried"  # the attempt on ``backend`` failed (``reason``); queued again after ``delay``
     DONE = "done"  # finished on ``backend``
     FAILED = "failed"  # gave up (``reason``)
@@ -47,6 +50,7 @@ class PoolEvent:
     nodes: tuple[str, ...] = ()
     reason: str | None = None
     delay: float | None = None
+    files: tuple[FileRef, ...] = ()
     image: bytes | None = field(default=None, repr=False)
     mime: str | None = None
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))

@@ -115,8 +115,10 @@ class Job:
         backends: frozenset[str] | None,
         on_event: Callable[[Any], Any] | None,
         labels: Mapping[str, str],
+        prompt_id: str | None = None,
     ) -> None:
         self.id = job_id
+        self.prompt_id = prompt_id  # the first attempt's, chosen by the caller (None: drawn like the others)
         self.nodes = nodes
         self.requirements = requirements
         self.model = requirements.model
@@ -149,6 +151,7 @@ class Job:
         backends: Sequence[str] | None,
         on_event: Callable[[Any], Any] | None,
         labels: Mapping[str, str] | None,
+        prompt_id: str | None = None,
     ) -> Job:
         """A job for ``graph`` (API format, or anything with ``to_dict()``); WorkflowFormatError if it is
         not an API-format graph."""
@@ -162,6 +165,7 @@ class Job:
             backends=frozenset(backends) if backends is not None else None,
             on_event=on_event,
             labels=labels or {},
+            prompt_id=prompt_id,
         )
 
     def allowed_on(self, name: str) -> bool:

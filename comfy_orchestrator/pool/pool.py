@@ -194,6 +194,7 @@ class Pool:
         backends: Sequence[str] | None = None,
         on_event: EventCallback | None = None,
         labels: Mapping[str, str] | None = None,
+        prompt_id: str | None = None,
     ) -> str:
         """Queue a job and return its id at once; it runs in the background (see :meth:`run`).
         Raises NoCapableBackend when no backend can run the graph."""
@@ -202,7 +203,7 @@ class Pool:
         if job_id in self._jobs:
             raise ValueError(f"a job with id {job_id!r} is already running")
         job = Job.create(job_id, graph, uploads=uploads, timeout=timeout, backends=backends, on_event=on_event,
-                         labels=labels)
+                         labels=labels, prompt_id=prompt_id)
         self._finished.pop(job_id, None)
         missing = self._unroutable(job)
         if missing is not None:
@@ -222,6 +223,7 @@ class Pool:
         backends: Sequence[str] | None = None,
         on_event: EventCallback | None = None,
         labels: Mapping[str, str] | None = None,
+        prompt_id: str | None = None,
     ) -> PoolResult:
         """Run ``graph`` on a capable backend and return its result.
 
@@ -230,13 +232,19 @@ class Pool:
         names. ``timeout`` bounds the whole job, queueing and retries included. ``backends`` restricts
         it to these names. ``on_event`` gets every event of this job (may be async).
 
+        An async ``on_event`` is awaited on ``dispatched`` before the attempt's prompt is submitted,
+        so it can store the prompt id first, or raise JobCancelled to have it never submitted. With
+        ``prompt_id``, the first attempt's prompt is submitted under that id, which the caller
+        already knows: its ``dispatched`` listener then runs *beside* the submission, and its
+        JobCancelled takes the prompt back off the backend. Later attempts draw their own ids.
+
         Raises NoCapableBackend, GraphValidationError or ExecutionFailed (as from the client; an
         out-of-memory error only after its retry), BackendUnavailable when the attempts are spent,
         DeadlineExceeded after ``timeout``, JobCancelled when cancelled. Cancelling the awaiting task
         cancels the job.
         """
         job_id = await self.submit(graph, job_id=job_id, uploads=uploads, timeout=timeout, backends=backends,
-                                   on_event=on_event, labels=labels)
+                                   on_event=on_event, labels=labels, prompt_id=prompt_id)
         self._jobs[job_id].keep_result = False  # run() reads it here; kept, it would crowd out submit()'s
         try:
             return await self.result(job_id)

@@ -10,9 +10,10 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from comfy_orchestrator import protocol as p
+from comfy_orchestrator.config import RunResult
 from comfy_orchestrator.errors import BackendUnavailable, ComfyOrchestratorError, DeadlineExceeded, JobCancelled
 from comfy_orchestrator.pool.backend import Backend
 from comfy_orchestrator.pool.config import PoolSettings
@@ -25,6 +26,8 @@ from comfy_orchestrator.pool.uploads import rewrite_inputs
 __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _CLEANUP_TIMEOUT = 5.0  # for best-effort calls to a backend that just failed (cancel, free)
 
@@ -100,12 +103,11 @@ class JobRunner:
         backend = slot.backend
         number = len(job.attempts) + 1
         started = time.time()
-        prompt_id = str(uuid.uuid4())
+        planned = number == 1 and job.prompt_id is not None
+        prompt_id = job.prompt_id if planned and job.prompt_id is not None else str(uuid.uuid4())
         log.info("job %s: attempt %d on %s (prompt %s)", job.id, number, backend.name, prompt_id)
-        try:
-            # Awaited before the prompt is submitted: a listener can persist the prompt id first, or
-            # raise JobCancelled (the job is gone) so that it is never submitted.
-            await self.emit(job, EventKind.DISPATCHED, backend=backend.name, attempt=number, prompt_id=prompt_id)
+
+        async def submit() -> RunResult:
             stored = await backend.put_uploads(job.uploads) if job.uploads else {}
             nodes = rewrite_inputs(job.nodes, stored) if stored else job.nodes
 
@@ -114,7 +116,15 @@ class JobRunner:
                     slot.free()  # the server is done with it; its /history entry is fetched next
                 await self._forward(job, backend.name, number, event)
 
-            result = await backend.client.run(nodes, prompt_id=prompt_id, on_event=forward)
+            return await backend.client.run(nodes, prompt_id=prompt_id, on_event=forward)
+
+        try:
+            dispatched = self.emit(job, EventKind.DISPATCHED, backend=backend.name, attempt=number, prompt_id=prompt_id)
+            if planned:  # the caller chose the id and can find the prompt by it: no need to wait
+                result = await _beside(dispatched, submit())
+            else:  # a listener can persist the prompt id first, or raise JobCancelled: never submitted
+                await dispatched
+                result = await submit()
         except asyncio.CancelledError:
             self._record(job, Attempt(backend.name, started, time.time(), "CancelledError()", FailureKind.CANCELLED))
             backend.breaker.neutral()
@@ -177,6 +187,9 @@ class JobRunner:
                             image=event.image, mime=event.mime)
         elif isinstance(event, p.ExecutionCached) and event.nodes:
             await self.emit(job, EventKind.CACHED, backend=backend, attempt=attempt, nodes=event.nodes)
+        elif isinstance(event, p.Executed) and event.output.files:
+            await self.emit(job, EventKind.OUTPUT, backend=backend, attempt=attempt, node=event.node,
+                            files=event.output.files)
 
     def _record(self, job: Job, attempt: Attempt) -> None:
         job.attempts.append(attempt)
@@ -207,12 +220,31 @@ class JobRunner:
             if inspect.isawaitable(outcome):
                 await outcome
         except JobCancelled:
-            if kind is EventKind.DISPATCHED:  # the listener found the job gone: its prompt is never submitted
-                log.info("job %s: cancelled before its prompt %s was submitted", job.id, fields.get("prompt_id"))
+            if kind is EventKind.DISPATCHED:  # the listener found the job gone: its prompt is not run
+                log.info("job %s: cancelled as its prompt %s was dispatched", job.id, fields.get("prompt_id"))
                 raise
             log.exception("on_event of job %s failed on %s", job.id, kind)
         except Exception:
             log.exception("on_event of job %s failed on %s", job.id, kind)
+
+
+async def _beside(listener: Coroutine[Any, Any, None], work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result once ``listener`` has ended too. A listener that raises (JobCancelled: the
+    job is gone) cancels ``work`` (a prompt being submitted is taken back off) and its error is
+    raised; otherwise ``work``'s error is. Cancelled: both are, and both are waited for."""
+    heard, working = asyncio.ensure_future(listener), asyncio.ensure_future(work)
+    try:
+        await asyncio.wait((heard, working), return_when=asyncio.FIRST_EXCEPTION)
+        if heard.done() and heard.exception() is not None:
+            working.cancel()
+        await asyncio.wait((heard, working))
+    except asyncio.CancelledError:
+        heard.cancel()
+        working.cancel()
+        await asyncio.wait((heard, working))
+        raise
+    heard.result()
+    return working.result()
 
 
 def _why(error: BaseException | None) -> str:

@@ -14,11 +14,11 @@ async def record_dispatch(store: JobStore, job_id: str, event: PoolEvent, *, ste
                           ) -> AttemptRecord | None:
     """Store the attempt of the prompt ``event`` (a ``DISPATCHED`` pool event) names; None when it
     names no prompt. Raises JobCancelled when the job is no longer running (a tenant cancelled it,
-    in this process or another): the pool then never submits that prompt."""
+    in this process or another): the pool then does not submit that prompt, or, when it is being
+    submitted beside this (the job's planned prompt id), takes it back off."""
     if event.backend is None or event.prompt_id is None:
         return None
     try:
         return await store.start_attempt(job_id, event.backend, event.prompt_id, step=step)
     except StoreError as exc:
-        raise JobCancelled(f"job {job_id} is no longer running ({exc}); prompt {event.prompt_id} not submitted") \
-            from None
+        raise JobCancelled(f"job {job_id} is no longer running ({exc}); prompt {event.prompt_id} not run") from None

@@ -2,17 +2,21 @@
 records how it ended.
 
     claim_next → build the graph → pool.run (attempts recorded as the pool dispatches them; progress,
-    retries and cached nodes appended as events, progress at most 5 per second per job) → outputs
-    streamed from the backend into the store → complete_job / fail_job
+    retries and cached nodes appended as events, progress at most 5 per second per job; output files
+    streamed into the store as their nodes report them) → the confirmed outputs collected →
+    complete_job / fail_job
 
 While a job runs its lease is renewed every third of ``lease_s``; a renewal that fails (the job was
 cancelled, possibly by another process) cancels it on the pool. On shutdown a worker stops
 claiming; a job still running when the drain timeout ends is cancelled on its backend and released
 back to the queue, its attempt ``abandoned``.
 
-Each attempt is recorded when the pool reports ``dispatched``: the pool awaits that event before it
-submits the prompt, and the event carries the prompt id the attempt will use, so the attempt (backend,
-prompt id) is durable before any GPU work starts and start-up reconciliation can find the prompt.
+Each attempt is recorded when the pool reports ``dispatched``; the event carries the prompt id the
+attempt will use. The first attempt under a claim uses the job's ``planned_prompt_id``, which the
+claim already made durable and reconciliation looks for on every backend, so that attempt is
+recorded while its prompt is submitted. Any other attempt is recorded before its prompt is
+submitted (the pool awaits the event), so the backend and prompt id are durable before any GPU work
+starts. Either way, a job cancelled meanwhile never runs its prompt.
 """
 
 from __future__ import annotations
@@ -25,11 +29,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from comfy_orchestrator.client import ComfyClient
-from comfy_orchestrator.config import RunResult
 from comfy_orchestrator.errors import BackendError, ComfyOrchestratorError, ComfyTimeout, PromptLost
 from comfy_orchestrator.graph import Template
 from comfy_orchestrator.pipelines import PipelineAborted
-from comfy_orchestrator.pool import EventKind, Pool, PoolEvent, PoolResult
+from comfy_orchestrator.pool import EventKind, Pool, PoolEvent
 from comfy_orchestrator.service.attempts import record_dispatch
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.errors import ApiError
@@ -37,6 +40,7 @@ from comfy_orchestrator.service.inputs import InputStore, load_uploads
 from comfy_orchestrator.service.intake import build_graph
 from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.pipeline_jobs import PipelineJobs
+from comfy_orchestrator.service.prefetch import OutputPrefetch
 from comfy_orchestrator.store import (
     AttemptRecord,
     AttemptState,
@@ -44,7 +48,6 @@ from comfy_orchestrator.store import (
     JobKind,
     JobRecord,
     JobStore,
-    OutputRecord,
     collect_outputs,
     error_info,
 )
@@ -136,15 +139,18 @@ class Worker:
         except ApiError as exc:
             await self._fail(job, {"type": exc.type, "message": exc.message})
             return
+        prefetch = OutputPrefetch(self.store, self.clients, job.id)
         try:
             async with self._leased(job):
                 uploads = await load_uploads(self.inputs, job)  # InputNotFound fails the job
                 result = await self.pool.run(graph, job_id=job.id, labels=job.labels, uploads=uploads,
-                                             on_event=self.recorder(job))
-                outputs = await self._save_outputs(job, result)
+                                             on_event=self.recorder(job, prefetch), prompt_id=job.planned_prompt_id)
+                outputs = await prefetch.collect(result.backend, len(result.attempts), result.result.outputs)
         except (ComfyOrchestratorError, OSError) as exc:  # JobCancelled too: a no-op when the tenant cancelled
             await self._fail(job, error_info(exc))
             return
+        finally:
+            await prefetch.close()
         summary = {"backend": result.backend, "prompt_id": result.result.prompt_id,
                    "outputs": [o.name for o in outputs], "attempts": len(result.attempts),
                    "execution_s": result.result.timings.execution_s}
@@ -224,7 +230,7 @@ class Worker:
         try:
             async with self._leased(job, prompt=(client, attempt.prompt_id)):
                 result = await client.follow(attempt.prompt_id)
-                outputs = await self._save_result_outputs(job, attempt.backend, result)
+                outputs = await collect_outputs(self.store, client, job.id, result.outputs)
         except asyncio.CancelledError:
             with contextlib.suppress(ComfyOrchestratorError, TimeoutError):
                 async with asyncio.timeout(5):
@@ -245,22 +251,26 @@ class Worker:
             log.info("job %s: adopted prompt %s succeeded on %s", job.id, result.prompt_id, attempt.backend)
         self.notifier.notify()
 
-    async def _save_outputs(self, job: JobRecord, result: PoolResult) -> list[OutputRecord]:
-        return await self._save_result_outputs(job, result.backend, result.result)
-
-    async def _save_result_outputs(self, job: JobRecord, backend: str, result: RunResult) -> list[OutputRecord]:
-        return await collect_outputs(self.store, self.clients[backend], job.id, result.outputs)
-
-    def recorder(self, job: JobRecord) -> Callable[[PoolEvent], Awaitable[None]]:
-        """The ``on_event`` of ``job``'s pool run: pool events into the store as the job's events."""
+    def recorder(
+        self, job: JobRecord, prefetch: OutputPrefetch | None = None
+    ) -> Callable[[PoolEvent], Awaitable[None]]:
+        """The ``on_event`` of ``job``'s pool run: pool events into the store as the job's events,
+        an attempt's after the attempt itself (which may be recorded while its prompt is submitted);
+        the files of ``output`` events to ``prefetch``."""
         last_progress = 0.0
+        dispatch: asyncio.Future[AttemptRecord | None] | None = None
 
         async def record(event: PoolEvent) -> None:
-            nonlocal last_progress
+            nonlocal last_progress, dispatch
             data: dict[str, Any] = {"backend": event.backend, "attempt": event.attempt}
             if event.kind is EventKind.DISPATCHED:
-                await record_dispatch(self.store, job.id, event)  # JobCancelled: never submitted
+                dispatch = asyncio.ensure_future(record_dispatch(self.store, job.id, event))
+                await dispatch  # JobCancelled: the prompt is not run
                 self.notifier.notify()
+                return
+            if event.kind is EventKind.OUTPUT:
+                if prefetch is not None:
+                    prefetch.start(event)
                 return
             if event.kind is EventKind.PROGRESS:
                 now = time.monotonic()
@@ -274,6 +284,8 @@ class Worker:
                 data.update(nodes=list(event.nodes))
             else:
                 return  # queued/done/failed/cancelled are the store's own events; previews are not kept
+            if dispatch is not None and not dispatch.done():
+                await asyncio.wait((dispatch,))
             await self.store.append_event(job.id, f"job.{event.kind.value}", data)
             self.notifier.notify()
 

@@ -6,7 +6,8 @@
     JobRecord, AttemptRecord, StepRecord, EventRecord, OutputRecord, Page, Claim
     JobState, JobKind, AttemptState, StepState, EventType
     reconcile_running      start-up reconciliation of running jobs with their backends
-    reconcile_job, ReconcileReport, Reconciled, Outcome, requeue_lost, collect_outputs
+    reconcile_job, ReconcileReport, Reconciled, Outcome, requeue_lost
+    collect_outputs, stage_file, output_files   a finished prompt's output files into the store
     body_hash, error_info  the canonical request hash idempotency compares; an exception as JSON
     StoreError             root of the store's errors (IdempotencyConflict, QueueFull, JobNotFound…)
 """
@@ -26,14 +27,17 @@ from comfy_orchestrator.store.errors import (
 )
 from comfy_orchestrator.store.reconcile import (
     BackendClient,
+    FileSource,
     Outcome,
     Reconciled,
     ReconcileReport,
     Resubmit,
     collect_outputs,
+    output_files,
     reconcile_job,
     reconcile_running,
     requeue_lost,
+    stage_file,
 )
 from comfy_orchestrator.store.sqlite import SQLiteJobStore
 from comfy_orchestrator.store.types import (
@@ -60,6 +64,7 @@ __all__ = [
     "Claim",
     "EventRecord",
     "EventType",
+    "FileSource",
     "IdempotencyConflict",
     "InvalidCursor",
     "JobKind",
@@ -85,7 +90,9 @@ __all__ = [
     "collect_outputs",
     "error_info",
     "is_sha256",
+    "output_files",
     "reconcile_job",
     "reconcile_running",
     "requeue_lost",
+    "stage_file",
 ]

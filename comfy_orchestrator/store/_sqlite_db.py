@@ -147,7 +147,12 @@ _V2 = (
     "CREATE INDEX attempts_running ON attempts (backend) WHERE state = 'running'",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3 = (
+    # the prompt id a claim drew for its first attempt, until that attempt is recorded
+    "ALTER TABLE jobs ADD COLUMN planned_prompt_id TEXT",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

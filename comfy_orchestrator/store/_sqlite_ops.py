@@ -4,6 +4,7 @@ inside a transaction the store opened (one savepoint of a group commit)."""
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -105,7 +106,8 @@ def insert_job(
     lease: tuple[str, int] | None = None,
 ) -> tuple[sqlite3.Row, bool]:
     """The idempotent create: the job already under the key (same body), or a new queued one; with
-    ``lease`` (worker id, until), a new one already claimed: queued and running in one transaction."""
+    ``lease`` (worker id, until), a new one already claimed (a planned prompt id drawn): queued and
+    running in one transaction."""
     if idempotency_key is not None:
         row = one(db, "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, idempotency_key))
         if row is not None:
@@ -123,8 +125,8 @@ def insert_job(
                          [(job_id, k, v) for k, v in labels.items()])
     event(db, job_id, tenant, EventType.QUEUED, {"kind": kind.value}, now)
     if lease is not None:
-        db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ? WHERE id = ?",
-                   (*lease, job_id))
+        db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ?, planned_prompt_id = ? "
+                   "WHERE id = ?", (*lease, str(uuid.uuid4()), job_id))
         event(db, job_id, tenant, EventType.RUNNING, {"reclaimed": False}, now)
     row = one(db, "SELECT * FROM jobs WHERE id = ?", (job_id,))
     assert row is not None
@@ -132,7 +134,8 @@ def insert_job(
 
 
 def claim(db: sqlite3.Connection, worker_id: str, until: int, now: int) -> tuple[sqlite3.Row, bool] | None:
-    """Lease the oldest running job whose lease ran out, else the oldest queued one; (row, reclaimed)."""
+    """Lease the oldest running job whose lease ran out, else the oldest queued one, drawing a new
+    planned prompt id; (row, reclaimed)."""
     row = one(db, "SELECT id, tenant FROM jobs WHERE state = 'running' AND lease_until_us <= ? "
                         "ORDER BY created_us, id LIMIT 1", (now,))
     reclaimed = row is not None
@@ -140,8 +143,8 @@ def claim(db: sqlite3.Connection, worker_id: str, until: int, now: int) -> tuple
         row = one(db, "SELECT id, tenant FROM jobs WHERE state = 'queued' ORDER BY created_us, id LIMIT 1")
     if row is None:
         return None
-    db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ?, updated_us = ? "
-                     "WHERE id = ?", (worker_id, until, now, row["id"]))
+    db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ?, updated_us = ?, "
+               "planned_prompt_id = ? WHERE id = ?", (worker_id, until, now, str(uuid.uuid4()), row["id"]))
     event(db, row["id"], row["tenant"], EventType.RUNNING, {"reclaimed": reclaimed}, now)
     claimed = one(db, "SELECT * FROM jobs WHERE id = ?", (row["id"],))
     assert claimed is not None
@@ -151,7 +154,8 @@ def claim(db: sqlite3.Connection, worker_id: str, until: int, now: int) -> tuple
 def start_attempt(
     db: sqlite3.Connection, job_id: str, backend: str, prompt_id: str, step: str | None, now: int
 ) -> int:
-    """Record the next attempt of a running job; its number."""
+    """Record the next attempt of a running job; its number. An attempt under the job's planned
+    prompt id settles that plan."""
     row = job_row(db, job_id)
     if row["state"] != JobState.RUNNING:
         raise JobNotRunning(job_id, row["state"])
@@ -165,7 +169,8 @@ def start_attempt(
                      {"type": "Retried", "message": f"superseded by attempt {n} on {backend}"}, now)
     db.execute("INSERT INTO attempts (job_id, n, backend, prompt_id, state, started_us, step) "
                      "VALUES (?, ?, ?, ?, 'running', ?, ?)", (job_id, n, backend, prompt_id, now, step))
-    db.execute("UPDATE jobs SET attempts = ?, updated_us = ? WHERE id = ?", (n, now, job_id))
+    db.execute("UPDATE jobs SET attempts = ?, updated_us = ?, planned_prompt_id = "
+               "NULLIF(planned_prompt_id, ?) WHERE id = ?", (n, now, prompt_id, job_id))
     event(db, job_id, row["tenant"], EventType.ATTEMPT,
                 {"n": n, "backend": backend, "prompt_id": prompt_id, "step": step}, now)
     return n
@@ -193,8 +198,8 @@ def finish(
         upsert_output(db, output)
     end_attempts(db, job_id, attempt_state, error, now)
     db.execute(
-        "UPDATE jobs SET state = ?, result = ?, error = ?, lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
-        "WHERE id = ?",
+        "UPDATE jobs SET state = ?, result = ?, error = ?, lease_owner = NULL, lease_until_us = NULL, updated_us = ?, "
+        "planned_prompt_id = NULL WHERE id = ?",
         (state.value, None if result is None else dumps(result), None if error is None else dumps(error), now, job_id))
     event(db, job_id, row["tenant"], EventType(f"job.{state.value}"), event_data, now)
     return True
@@ -275,8 +280,8 @@ def release(
     if row["state"] != JobState.RUNNING or (worker_id is not None and row["lease_owner"] != worker_id):
         return False
     end_attempts(db, job_id, attempt_state, error, now)
-    db.execute("UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until_us = NULL, updated_us = ? "
-                     "WHERE id = ?", (now, job_id))
+    db.execute("UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until_us = NULL, updated_us = ?, "
+               "planned_prompt_id = NULL WHERE id = ?", (now, job_id))
     event(db, job_id, row["tenant"], EventType.QUEUED, {"reason": reason}, now)
     return True
 

@@ -39,6 +39,7 @@ def job_from(row: sqlite3.Row) -> JobRecord:
         attempts=row["attempts"],
         lease_owner=row["lease_owner"],
         lease_until=None if lease_until is None else from_us(lease_until),
+        planned_prompt_id=row["planned_prompt_id"],
     )
 
 

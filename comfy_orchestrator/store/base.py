@@ -71,8 +71,8 @@ class JobStore(Protocol):
         With ``max_active``, raise ``QueueFull`` when the tenant already has that many queued or
         running jobs (checked in the same transaction, so racing callers cannot overshoot). With
         ``claim``, a new job is committed already ``running`` under that worker's lease (its
-        ``job.queued`` and ``job.running`` events in the same transaction), as if the worker had
-        claimed it; an existing job is returned as it is."""
+        ``job.queued`` and ``job.running`` events in the same transaction, a ``planned_prompt_id``
+        drawn), as if the worker had claimed it; an existing job is returned as it is."""
         ...
 
     async def get_job(self, tenant: str, job_id: str) -> JobRecord | None:
@@ -141,7 +141,8 @@ class JobStore(Protocol):
         """Move the oldest claimable job to ``running`` under a lease held by ``worker_id`` until now
         + ``lease_s``; None when there is none. Claimable: a queued job, or a running one whose
         lease ran out (its worker is presumed dead; the job's open attempt, if any, stays for the
-        new holder to reconcile). No two callers ever get the same claim."""
+        new holder to reconcile). No two callers ever get the same claim. Each claim draws the
+        job's ``planned_prompt_id``."""
         ...
 
     async def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float) -> bool:
@@ -164,7 +165,7 @@ class JobStore(Protocol):
         reason: str = "released",
     ) -> bool:
         """Put a running job back in the queue (shutdown, or a prompt the backend lost); its open
-        attempt ends with ``attempt_state``. With ``worker_id``, only if that worker holds it.
+        attempt ends with ``attempt_state`` and its plan is dropped. With ``worker_id``, only if that worker holds it.
         False when the job was not running (or not held by ``worker_id``)."""
         ...
 
@@ -172,7 +173,9 @@ class JobStore(Protocol):
         self, job_id: str, backend: str, prompt_id: str, *, step: str | None = None
     ) -> AttemptRecord:
         """Record an attempt *before* its prompt is submitted (so a restarted service can ask the
-        backend about ``prompt_id``). Raises ``JobNotRunning`` unless the job is running."""
+        backend about ``prompt_id``), or, when ``prompt_id`` is the job's ``planned_prompt_id``
+        (which reconciliation can already find), while it is; that clears the plan. Raises
+        ``JobNotRunning`` unless the job is running."""
         ...
 
     async def finish_attempt(

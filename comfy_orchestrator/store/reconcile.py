@@ -10,10 +10,14 @@ can ask the backend what became of the prompt:
     backend is no longer configured              → resubmit (by default: back in the queue,
                                                    the attempt marked ``lost``)
     no prompt in flight (claimed, not submitted)  → back in the queue
+    the claim's planned prompt, not yet recorded  → looked for on every backend; where one knows it,
+                                                    its attempt is recorded and settled as above
     a pipeline job                                → its prompt taken off its backend, back in the
                                                     queue: it runs again from the top, and its disk
                                                     cache turns every graph that finished into a hit
 
+A worker may submit a claim's first prompt under the job's ``planned_prompt_id`` while it records
+that attempt, so a job whose plan is still open may have a prompt on a backend that no attempt names.
 The queue is asked before /history: ComfyUI writes the history entry and drops the prompt from its
 queue in one step, so a prompt found in neither has not run to completion. Completion goes through
 ``complete_job``, which ends a job once: a worker racing the reconciler cannot complete it twice.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import enum
 import logging
 import mimetypes
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,27 +40,34 @@ from comfy_orchestrator.store.types import AttemptRecord, AttemptState, JobKind,
 
 __all__ = [
     "BackendClient",
+    "FileSource",
     "Outcome",
     "ReconcileReport",
     "Reconciled",
     "Resubmit",
     "collect_outputs",
+    "output_files",
     "reconcile_job",
     "reconcile_running",
     "requeue_lost",
+    "stage_file",
 ]
 
 log = logging.getLogger(__name__)
 
 
-class BackendClient(Protocol):
+class FileSource(Protocol):
+    """Where output files are fetched from (``ComfyClient`` fits)."""
+
+    def iter_download(self, ref: FileRef, *, chunk_size: int = ...) -> AsyncIterator[bytes]: ...
+
+
+class BackendClient(FileSource, Protocol):
     """What reconciliation asks of a backend (``ComfyClient`` fits)."""
 
     async def history(self, prompt_id: str) -> HistoryEntry | None: ...
 
     async def queue(self) -> QueueState: ...
-
-    def iter_download(self, ref: FileRef, *, chunk_size: int = ...) -> AsyncIterator[bytes]: ...
 
     async def cancel(self, prompt_id: str) -> None: ...
 
@@ -152,6 +163,12 @@ async def reconcile_job(
     reclaimed after a lease ran out). ``queues`` caches each backend's /queue across calls, or the
     error it gave: a dead backend is asked once, not once per job it had."""
     resubmit = resubmit or requeue_lost(store)
+    queues = {} if queues is None else queues
+    if job.planned_prompt_id is not None and job.kind is not JobKind.PIPELINE:
+        try:
+            attempt = await _find_planned(store, job, clients, queues) or attempt
+        except JobNotRunning:
+            return _done(job, attempt, Outcome.ALREADY_ENDED, "ended while being reconciled")
     if attempt is None or attempt.state not in (AttemptState.RUNNING, AttemptState.SUCCEEDED):
         released = await store.release(job.id, reason="no prompt in flight")
         return _done(job, attempt, Outcome.REQUEUED if released else Outcome.ALREADY_ENDED, "no prompt in flight")
@@ -163,14 +180,7 @@ async def reconcile_job(
         await resubmit(job, attempt, reason)
         return _done(job, attempt, Outcome.RESUBMITTED, reason)
     try:
-        queue = (queues or {}).get(attempt.backend)
-        if queue is None:
-            try:
-                queue = await client.queue()
-            except (BackendError, ComfyTimeout) as exc:
-                queue = exc
-            if queues is not None:
-                queues[attempt.backend] = queue
+        queue = await _queue(attempt.backend, client, queues)
         if isinstance(queue, BackendError | ComfyTimeout):
             reason = f"backend {attempt.backend} unreachable: {queue}"
             await resubmit(job, attempt, reason)
@@ -189,6 +199,44 @@ async def reconcile_job(
         reason = f"backend {attempt.backend} unreachable: {exc}"
     await resubmit(job, attempt, reason)
     return _done(job, attempt, Outcome.RESUBMITTED, reason)
+
+
+async def _queue(
+    name: str, client: BackendClient, queues: dict[str, QueueState | BackendError | ComfyTimeout]
+) -> QueueState | BackendError | ComfyTimeout:
+    """The backend's /queue, or the error it gave, asked once per reconciliation (``queues``)."""
+    queue = queues.get(name)
+    if queue is None:
+        try:
+            queue = await client.queue()
+        except (BackendError, ComfyTimeout) as exc:
+            queue = exc
+        queues[name] = queue
+    return queue
+
+
+async def _find_planned(
+    store: JobStore,
+    job: JobRecord,
+    clients: Mapping[str, BackendClient],
+    queues: dict[str, QueueState | BackendError | ComfyTimeout],
+) -> AttemptRecord | None:
+    """The attempt of the job's planned prompt, recorded now, when a backend knows that prompt
+    (queued, running, or in its history); None when none that answers does."""
+    prompt_id = job.planned_prompt_id
+    assert prompt_id is not None
+    for name, client in clients.items():
+        queue = await _queue(name, client, queues)
+        if isinstance(queue, BackendError | ComfyTimeout):
+            continue
+        try:
+            known = prompt_id in queue or await client.history(prompt_id) is not None
+        except (BackendError, ComfyTimeout):
+            continue
+        if known:
+            log.info("job %s: its planned prompt %s is on %s", job.id, prompt_id, name)
+            return await store.start_attempt(job.id, name, prompt_id)
+    return None
 
 
 async def _settle(
@@ -227,20 +275,26 @@ async def _requeue_pipeline(
 
 
 async def collect_outputs(
-    store: JobStore, client: BackendClient, job_id: str, outputs: Mapping[str, NodeOutput]
+    store: JobStore, client: FileSource, job_id: str, outputs: Mapping[str, NodeOutput]
 ) -> list[OutputRecord]:
     """Stream each output file of a finished prompt (its history entry's or ``RunResult``'s
-    ``outputs``; ``type == "output"`` only, previews are skipped) from the backend into the store,
-    staged as ``<node id>/<file name>`` for ``complete_job`` to record."""
-    saved = []
+    ``outputs``) from the backend into the store (``stage_file``), for ``complete_job`` to record."""
+    return [await stage_file(store, client, job_id, node_id, ref) for node_id, ref in output_files(outputs)]
+
+
+def output_files(outputs: Mapping[str, NodeOutput]) -> Iterator[tuple[str, FileRef]]:
+    """(node id, file) for each file of ``outputs`` that is a result (``type == "output"``; previews
+    and temporary files are not)."""
     for node_id, output in outputs.items():
         for ref in output.files:
-            if ref.type != "output":
-                continue
-            name = f"{node_id}/{ref.filename}"
-            content_type = mimetypes.guess_type(ref.filename)[0] or "application/octet-stream"
-            saved.append(await store.stage_output(job_id, name, client.iter_download(ref), content_type))
-    return saved
+            if ref.type == "output":
+                yield node_id, ref
+
+
+async def stage_file(store: JobStore, client: FileSource, job_id: str, node_id: str, ref: FileRef) -> OutputRecord:
+    """One output file streamed from its backend into the store, staged as ``<node id>/<file name>``."""
+    content_type = mimetypes.guess_type(ref.filename)[0] or "application/octet-stream"
+    return await store.stage_output(job_id, f"{node_id}/{ref.filename}", client.iter_download(ref), content_type)
 
 
 def _history_error(entry: HistoryEntry) -> dict[str, Any] | None:

@@ -99,7 +99,12 @@ class EventType(enum.StrEnum):
 class JobRecord:
     """One job as stored. ``body_hash`` is the canonical hash of (kind, spec, labels) that an
     idempotency key is checked against; ``attempts`` counts the attempts started; ``lease_owner``
-    and ``lease_until`` are set while a worker holds the job (state ``running``)."""
+    and ``lease_until`` are set while a worker holds the job (state ``running``).
+
+    ``planned_prompt_id`` is drawn by each claim: the holder may submit its first prompt under it
+    while that attempt is being recorded (not before), so until an attempt with that id is recorded
+    (or the job leaves ``running``) the prompt may be on a backend that no attempt names, and
+    reconciliation asks every backend about it."""
 
     id: str
     tenant: str
@@ -116,6 +121,7 @@ class JobRecord:
     attempts: int = 0
     lease_owner: str | None = None
     lease_until: datetime | None = None
+    planned_prompt_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,9 @@ async def test_event_sequence_of_a_job(start_double: StartDouble) -> None:
     kinds = [e.kind for e in events]
     assert kinds[:2] == [EventKind.QUEUED, EventKind.DISPATCHED]
     assert kinds[-1] is EventKind.DONE
-    assert set(kinds[2:-1]) == {EventKind.PROGRESS, EventKind.PREVIEW}
+    assert set(kinds[2:-1]) == {EventKind.PROGRESS, EventKind.PREVIEW, EventKind.OUTPUT}
+    [output] = [e for e in events if e.kind is EventKind.OUTPUT]  # SaveImage's files, before /history
+    assert (output.node, output.files) == ("7", result.result.outputs["7"].files)
     fractions = [e.fraction for e in events if e.kind is EventKind.PROGRESS]
     assert fractions == [0.25, 0.5, 0.75, 1.0]
     previews = [e for e in events if e.kind is EventKind.PREVIEW]

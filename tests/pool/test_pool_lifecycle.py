@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from comfy_orchestrator.client import ComfyClient
 from comfy_orchestrator.errors import DeadlineExceeded, JobCancelled
 from comfy_orchestrator.pool import EventKind, NoCapableBackend, Pool, PoolClosed, PoolEvent
 from comfy_orchestrator.pool.health import BreakerState, CircuitBreaker, Health
-from comfy_orchestrator.testing import FakeComfyUI, HangMode
+from comfy_orchestrator.testing import FakeComfyUI, HangMode, NodeFailure
 from tests.pool.conftest import FAST, QUICK, SD15, SDXL, StartDouble, config, configs, sampler_graph
 
 
@@ -266,3 +267,51 @@ async def test_jobs_awaited_by_run_are_not_kept_after_they_end() -> None:
         assert await pool.result(submitted)  # a submit()'s result stays readable after it ended
         assert submitted in pool._finished
         assert not set(ran) & set(pool._finished)  # the run() jobs left nothing behind
+
+
+async def test_a_chosen_prompt_id_is_submitted_while_its_dispatch_is_heard(start_double: StartDouble) -> None:
+    """With ``prompt_id`` the caller already knows the first prompt's id: the ``dispatched`` listener
+    runs beside the submission (the prompt reaches the server before the listener returns), and a
+    retry draws an id of its own."""
+    a = await start_double("a", step_delay=0.05)
+    a.faults.execution_error = NodeFailure.cpu_oom("KSampler")  # the first attempt fails; retried once
+    heard: list[tuple[int, str | None]] = []
+    reached: list[bool] = []  # whether the server had the prompt while the listener still ran
+
+    def on_server() -> bool:
+        return a.running_prompt_id == "planned-1" or "planned-1" in a.history
+
+    async def on_event(event: PoolEvent) -> None:
+        if event.kind is EventKind.DISPATCHED:
+            heard.append((event.attempt, event.prompt_id))
+            if event.attempt == 1:
+                with contextlib.suppress(AssertionError):
+                    await _until(on_server, timeout=1.0)
+                reached.append(on_server())
+
+    async with Pool(configs(a), QUICK) as pool:
+        result = await pool.run(sampler_graph(SD15, steps=4), on_event=on_event, prompt_id="planned-1")
+    assert reached == [True]
+    assert heard[0] == (1, "planned-1")
+    assert [attempt for attempt, _ in heard] == [1, 2]
+    assert heard[1][1] not in (None, "planned-1")
+    assert result.result.prompt_id == heard[1][1]
+
+
+async def test_a_chosen_prompt_id_is_taken_back_off_when_its_dispatch_is_refused(start_double: StartDouble) -> None:
+    """A listener that raises JobCancelled (its job is gone) while the prompt is already on the
+    server: the job ends cancelled and the prompt is interrupted there."""
+    a = await start_double("a", step_delay=0.05)
+
+    async def on_event(event: PoolEvent) -> None:
+        if event.kind is EventKind.DISPATCHED:
+            await _until(lambda: a.running_prompt_id == "planned-2")
+            raise JobCancelled("the job was cancelled meanwhile")
+
+    started = time.monotonic()
+    async with Pool(configs(a), QUICK) as pool:
+        with pytest.raises(JobCancelled):
+            await pool.run(sampler_graph(SD15, steps=100), on_event=on_event, prompt_id="planned-2")
+        assert time.monotonic() - started < 2.0  # 100 steps would take 5 s
+        await _until(lambda: a.running_prompt_id is None, timeout=2.0)
+        assert a.queue_remaining == 0

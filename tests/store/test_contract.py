@@ -307,6 +307,38 @@ async def test_attempts_only_on_running_jobs(store: JobStore) -> None:
         await store.start_attempt("nope", "gpu-a", "p1")
 
 
+async def test_each_claim_plans_a_prompt_id_until_an_attempt_uses_it(store: JobStore) -> None:
+    async def plan(job_id: str) -> str | None:
+        job = await store.get_job("acme", job_id)
+        assert job is not None
+        return job.planned_prompt_id
+
+    queued, _ = await store.create_job("acme", "graph", graph(1))
+    assert queued.planned_prompt_id is None
+    claimed = await store.claim_next("w", lease_s=30)
+    assert claimed is not None
+    assert claimed.planned_prompt_id is not None
+    await store.start_attempt(queued.id, "gpu-a", "another-id")  # not the plan: it stays open
+    assert await plan(queued.id) == claimed.planned_prompt_id
+    await store.start_attempt(queued.id, "gpu-b", claimed.planned_prompt_id)
+    assert await plan(queued.id) is None
+    # released and claimed again: a new plan, dropped when the job ends
+    assert await store.release(queued.id, reason="shutdown")
+    assert await plan(queued.id) is None
+    again = await store.claim_next("w", lease_s=30)
+    assert again is not None
+    assert again.planned_prompt_id not in (None, claimed.planned_prompt_id)
+    assert await store.complete_job(queued.id, {})
+    assert await plan(queued.id) is None
+    # a job created with a claim has its plan from the start; a cancelled one drops it
+    handed, _ = await store.create_job("acme", "graph", graph(2), claim=Claim("w", 30))
+    assert handed.planned_prompt_id is not None
+    [(running, _)] = await store.running_jobs()
+    assert running.planned_prompt_id == handed.planned_prompt_id
+    assert await store.cancel_job("acme", handed.id)
+    assert await plan(handed.id) is None
+
+
 async def test_running_attempts_are_counted_per_backend(store: JobStore) -> None:
     ids = [(await store.create_job("acme", "graph", graph(i)))[0].id for i in range(4)]
     for _ in ids:

@@ -19,6 +19,7 @@ from comfy_orchestrator import ComfyClient, Timeouts
 from comfy_orchestrator.store import (
     AttemptRecord,
     AttemptState,
+    Claim,
     EventType,
     JobRecord,
     JobState,
@@ -213,6 +214,52 @@ async def test_a_job_claimed_but_never_submitted_goes_back_to_the_queue(store: J
     queued = await store.get_job("acme", job.id)
     assert queued is not None
     assert queued.state is JobState.QUEUED
+
+
+async def planned_job(store: JobStore, server: FakeComfyUI | None, *, wait: str = "done") -> JobRecord:
+    """A job as a service killed mid-dispatch left it: created claimed, its first prompt submitted to
+    ``server`` (None: not yet) under the job's planned prompt id, no attempt recorded."""
+    graph = invert_graph()
+    job, _ = await store.create_job("acme", "graph", graph, claim=Claim("old-worker", 600))
+    prompt_id = job.planned_prompt_id
+    assert prompt_id is not None
+    if server is not None:
+        async with ComfyClient(server.url, timeouts=FAST) as old:
+            await old.submit(graph, prompt_id=prompt_id)
+        if wait == "done":
+            await until(lambda: prompt_id in server.history)
+        else:
+            await until(lambda: server.running_prompt_id == prompt_id)
+    return job
+
+
+async def test_a_planned_prompt_no_attempt_names_is_found_on_the_backend_that_has_it(
+    store: JobStore, server: FakeComfyUI, client: ComfyClient
+) -> None:
+    async with FakeComfyUI(name="gpu-b") as other, ComfyClient(other.url, timeouts=FAST) as other_client:
+        done = await planned_job(store, other)
+        other.faults.hang = HangMode.MID_RUN
+        running = await planned_job(store, other, wait="running")
+        never = await planned_job(store, None)
+        report = await reconcile_running(store, {"gpu-a": client, "gpu-b": other_client}, worker_id="svc-2")
+        other.faults.hang = None
+    found = {item.job.id: (item.outcome, item.attempt and (item.attempt.backend, item.attempt.prompt_id))
+             for item in report.items}
+    assert found == {done.id: (Outcome.COMPLETED, ("gpu-b", done.planned_prompt_id)),
+                     running.id: (Outcome.FOLLOW, ("gpu-b", running.planned_prompt_id)),
+                     never.id: (Outcome.REQUEUED, None)}
+    assert server.history == {}  # gpu-a was asked, and ran nothing
+    for job, state in ((done, AttemptState.SUCCEEDED), (running, AttemptState.RUNNING)):
+        [attempt] = await store.list_attempts(job.id)
+        assert (attempt.backend, attempt.prompt_id, attempt.state) == ("gpu-b", job.planned_prompt_id, state)
+        now = await store.get_job("acme", job.id)
+        assert now is not None
+        assert now.planned_prompt_id is None
+    [output] = await store.list_outputs("acme", done.id)
+    assert output.name.startswith("3/reconcile")
+    followed = await store.get_job("acme", running.id)
+    assert followed is not None
+    assert followed.lease_owner == "svc-2"
 
 
 async def test_racing_reconcilers_complete_a_job_once(

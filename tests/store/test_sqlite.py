@@ -31,7 +31,7 @@ async def test_opens_in_wal_mode_with_a_schema_version(tmp_path: Path) -> None:
         await store.create_job("acme", "graph", graph())
     assert _pragma(tmp_path / "db" / "jobs.db", "journal_mode") == "wal"
     with sqlite3.connect(tmp_path / "db" / "jobs.db") as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
 
 
 async def test_reopening_keeps_everything_and_migrates_nothing(tmp_path: Path) -> None:
@@ -49,13 +49,33 @@ async def test_a_version_1_file_is_migrated_keeping_its_jobs(tmp_path: Path) -> 
         job, _ = await store.create_job("acme", "graph", graph())
     with sqlite3.connect(tmp_path / "jobs.db") as conn:  # as the first release left it
         conn.execute("DROP INDEX attempts_running")
+        conn.execute("ALTER TABLE jobs DROP COLUMN planned_prompt_id")
         conn.execute("UPDATE schema_version SET version = 1")
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
         assert await store.get_job("acme", job.id) == job
         assert await store.running_attempts() == {}
+        claimed = await store.claim_next("w1", lease_s=30)
+        assert claimed is not None
+        assert claimed.planned_prompt_id is not None
     with sqlite3.connect(tmp_path / "jobs.db") as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'attempts_running'").fetchall()
+
+
+async def test_a_version_2_file_keeps_its_running_jobs_without_a_plan(tmp_path: Path) -> None:
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        job, _ = await store.create_job("acme", "graph", graph())
+        claimed = await store.claim_next("w1", lease_s=30)
+        assert claimed is not None
+        await store.start_attempt(job.id, "gpu-a", "p-1")
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:  # as the release before plans left it
+        conn.execute("ALTER TABLE jobs DROP COLUMN planned_prompt_id")
+        conn.execute("UPDATE schema_version SET version = 2")
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        [(running, attempt)] = await store.running_jobs()
+        assert running.planned_prompt_id is None
+        assert attempt is not None
+        assert attempt.prompt_id == "p-1"
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
