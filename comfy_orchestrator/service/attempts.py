@@ -1,5 +1,6 @@
-"""A dispatched prompt, recorded as an attempt of its job before it is submitted (the worker's graph
-jobs and the prompts of pipeline jobs alike)."""
+"""A dispatched prompt, recorded as an attempt of its job before it is submitted, or while it is when
+it goes out under the job's planned prompt id (the worker's graph jobs and the prompts of pipeline
+jobs alike)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Start-up reconciliation: settle every job the store says is running with the backend it ran on.
 
-The orchestrator chose each prompt id and stored it (``start_attempt``) before submitting, so it
-can ask the backend what became of the prompt:
+The orchestrator chose each prompt id and stored it (``start_attempt``), so it can ask the backend
+what became of the prompt:
 
     in the backend's queue (pending or running)  → follow: resubscribe to it (lease taken over)
     in the backend's /history, succeeded         → collect its outputs, complete the job
@@ -9,18 +9,19 @@ can ask the backend what became of the prompt:
     unknown (restarted), unreachable, or its
     backend is no longer configured              → resubmit (by default: back in the queue,
                                                    the attempt marked ``lost``)
-    no prompt in flight (claimed, not submitted)  → back in the queue
     the claim's planned prompt, not yet recorded  → looked for on every backend; where one knows it,
                                                     its attempt is recorded and settled as above
+    no prompt in flight (claimed, not submitted)  → back in the queue
     a pipeline job                                → its prompt taken off its backend, back in the
                                                     queue: it runs again from the top, and its disk
                                                     cache turns every graph that finished into a hit
 
-A worker may submit a claim's first prompt under the job's ``planned_prompt_id`` while it records
-that attempt, so a job whose plan is still open may have a prompt on a backend that no attempt names.
-The queue is asked before /history: ComfyUI writes the history entry and drops the prompt from its
-queue in one step, so a prompt found in neither has not run to completion. Completion goes through
-``complete_job``, which ends a job once: a worker racing the reconciler cannot complete it twice.
+Every attempt is stored before its prompt is submitted, except the first under a claim: that one
+goes out under the job's ``planned_prompt_id`` (drawn by the claim) while it is stored, so a job
+whose plan is still open may have a prompt on a backend that no attempt names. The queue is asked
+before /history: ComfyUI writes the history entry and drops the prompt from its queue in one step,
+so a prompt found in neither has not run to completion. Completion goes through ``complete_job``,
+which ends a job once: a worker racing the reconciler cannot complete it twice.
 """
 
 from __future__ import annotations

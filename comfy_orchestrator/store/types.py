@@ -65,7 +65,7 @@ _FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 class AttemptState(enum.StrEnum):
     """How one try of a job on one backend went."""
 
-    RUNNING = "running"  # recorded before the prompt was submitted; may or may not have reached the backend
+    RUNNING = "running"  # recorded as its prompt was submitted (or before); it may not have reached the backend
     SUCCEEDED = "succeeded"  # the prompt finished and its results were taken
     FAILED = "failed"  # the prompt failed (rejected, a node raised, the backend died mid-job…)
     CANCELLED = "cancelled"  # the job was cancelled while this attempt ran
@@ -127,7 +127,8 @@ class JobRecord:
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
     """One try of a job on one backend. ``prompt_id`` was chosen by the orchestrator and stored
-    *before* the prompt was submitted, so a restarted service can ask the backend about it.
+    before the prompt was submitted, or while it was when it is the claim's planned id, so a
+    restarted service can ask the backend about it.
     ``n`` counts from 1 per job; ``step`` names the pipeline step the prompt belongs to."""
 
     job_id: str
