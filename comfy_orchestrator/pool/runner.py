@@ -103,8 +103,8 @@ class JobRunner:
         backend = slot.backend
         number = len(job.attempts) + 1
         started = time.time()
-        planned = number == 1 and job.prompt_id is not None
-        prompt_id = job.prompt_id if planned and job.prompt_id is not None else str(uuid.uuid4())
+        planned = job.prompt_id if number == 1 else None
+        prompt_id = planned or str(uuid.uuid4())
         log.info("job %s: attempt %d on %s (prompt %s)", job.id, number, backend.name, prompt_id)
 
         async def submit() -> RunResult:
