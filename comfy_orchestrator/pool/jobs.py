@@ -118,7 +118,7 @@ class Job:
         prompt_id: str | None = None,
     ) -> None:
         self.id = job_id
-        self.prompt_id = prompt_id  # the first attempt's, chosen by the caller (None: drawn like the others)
+        self.first_prompt_id = prompt_id  # chosen by the caller (None: drawn like the others)
         self.nodes = nodes
         self.requirements = requirements
         self.model = requirements.model

@@ -196,8 +196,8 @@ class Pool:
         labels: Mapping[str, str] | None = None,
         prompt_id: str | None = None,
     ) -> str:
-        """Queue a job and return its id at once; it runs in the background (see :meth:`run`).
-        Raises NoCapableBackend when no backend can run the graph."""
+        """Queue a job and return its id at once; it runs in the background (see :meth:`run`, which
+        also says what ``prompt_id`` does). Raises NoCapableBackend when no backend can run the graph."""
         self._check_open()
         job_id = job_id or uuid.uuid4().hex
         if job_id in self._jobs:
@@ -236,7 +236,9 @@ class Pool:
         so it can store the prompt id first, or raise JobCancelled to have it never submitted. With
         ``prompt_id``, the first attempt's prompt is submitted under that id, which the caller
         already knows: its ``dispatched`` listener then runs *beside* the submission, and its
-        JobCancelled takes the prompt back off the backend. Later attempts draw their own ids.
+        JobCancelled takes the prompt back off the backend (at once, and again two seconds later
+        in case the server queued it only after the first take-off). Later attempts draw their own
+        ids.
 
         Raises NoCapableBackend, GraphValidationError or ExecutionFailed (as from the client; an
         out-of-memory error only after its retry), BackendUnavailable when the attempts are spent,

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CLEANUP_TIMEOUT = 5.0  # for best-effort calls to a backend that just failed (cancel, free)
+_LATE_TAKE_OFF_S = 2.0  # a prompt taken off while its POST was in flight is taken off again this much later
 
 
 class _Retry(Exception):
@@ -103,7 +104,7 @@ class JobRunner:
         backend = slot.backend
         number = len(job.attempts) + 1
         started = time.time()
-        planned = job.prompt_id if number == 1 else None
+        planned = job.first_prompt_id if number == 1 else None
         prompt_id = planned or str(uuid.uuid4())
         log.info("job %s: attempt %d on %s (prompt %s)", job.id, number, backend.name, prompt_id)
 
@@ -121,7 +122,11 @@ class JobRunner:
         try:
             dispatched = self.emit(job, EventKind.DISPATCHED, backend=backend.name, attempt=number, prompt_id=prompt_id)
             if planned:  # the caller chose the id and can find the prompt by it: no need to wait
-                result = await _beside(dispatched, submit())
+                try:
+                    result = await _beside(dispatched, submit())
+                except JobCancelled:  # a POST still on its way may queue the prompt after it was taken off
+                    self.spawn(self._forget(backend, prompt_id, after=_LATE_TAKE_OFF_S))
+                    raise
             else:  # a listener can persist the prompt id first, or raise JobCancelled: never submitted
                 await dispatched
                 result = await submit()
@@ -195,7 +200,8 @@ class JobRunner:
         job.attempts.append(attempt)
         self.stats.attempt(attempt)
 
-    async def _forget(self, backend: Backend, prompt_id: str) -> None:
+    async def _forget(self, backend: Backend, prompt_id: str, *, after: float = 0.0) -> None:
+        await asyncio.sleep(after)
         try:
             async with asyncio.timeout(_CLEANUP_TIMEOUT):
                 await backend.client.cancel(prompt_id)

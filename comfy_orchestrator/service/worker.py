@@ -16,7 +16,7 @@ attempt will use. The first attempt under a claim uses the job's ``planned_promp
 claim already made durable and reconciliation looks for on every backend, so that attempt is
 recorded while its prompt is submitted. Any other attempt is recorded before its prompt is
 submitted (the pool awaits the event), so the backend and prompt id are durable before any GPU work
-starts. Either way, a job cancelled meanwhile never runs its prompt.
+starts. A job cancelled meanwhile has its prompt not submitted, or taken back off.
 """
 
 from __future__ import annotations

@@ -77,7 +77,14 @@ class BlobStore:
                     pending.append(chunk)
                     buffered += len(chunk)
                     if buffered >= self.chunk_size:
-                        tmp = await asyncio.to_thread(self._spill, tmp, pending)
+                        spill = asyncio.ensure_future(asyncio.to_thread(self._spill, tmp, pending))
+                        try:
+                            tmp = await asyncio.shield(spill)
+                        except asyncio.CancelledError:  # the thread goes on: wait for the file it makes
+                            await asyncio.wait((spill,))
+                            if not spill.cancelled() and spill.exception() is None:
+                                tmp = spill.result()
+                            raise
                         pending, buffered = [], 0
                 sha = digest.hexdigest()
                 stored = await asyncio.to_thread(self._finish, tmp, pending, sha)

@@ -10,7 +10,9 @@ what became of the prompt:
     backend is no longer configured              → resubmit (by default: back in the queue,
                                                    the attempt marked ``lost``)
     the claim's planned prompt, not yet recorded  → looked for on every backend; where one knows it,
-                                                    its attempt is recorded and settled as above
+                                                    its attempt is recorded and settled as above;
+                                                    found nowhere while a backend did not answer
+                                                    → resubmit
     no prompt in flight (claimed, not submitted)  → back in the queue
     a pipeline job                                → its prompt taken off its backend, back in the
                                                     queue: it runs again from the top, and its disk
@@ -167,9 +169,15 @@ async def reconcile_job(
     queues = {} if queues is None else queues
     if job.planned_prompt_id is not None and job.kind is not JobKind.PIPELINE:
         try:
-            attempt = await _find_planned(store, job, clients, queues) or attempt
+            planned, silent = await _find_planned(store, job, clients, queues)
         except JobNotRunning:
             return _done(job, attempt, Outcome.ALREADY_ENDED, "ended while being reconciled")
+        in_flight = attempt is not None and attempt.state in (AttemptState.RUNNING, AttemptState.SUCCEEDED)
+        if planned is None and silent and not in_flight:  # it may be on a backend that did not answer
+            reason = f"planned prompt {job.planned_prompt_id} not found; {', '.join(silent)} did not answer"
+            await resubmit(job, None, reason)
+            return _done(job, None, Outcome.RESUBMITTED, reason)
+        attempt = planned or attempt
     if attempt is None or attempt.state not in (AttemptState.RUNNING, AttemptState.SUCCEEDED):
         released = await store.release(job.id, reason="no prompt in flight")
         return _done(job, attempt, Outcome.REQUEUED if released else Outcome.ALREADY_ENDED, "no prompt in flight")
@@ -221,23 +229,26 @@ async def _find_planned(
     job: JobRecord,
     clients: Mapping[str, BackendClient],
     queues: dict[str, QueueState | BackendError | ComfyTimeout],
-) -> AttemptRecord | None:
+) -> tuple[AttemptRecord | None, list[str]]:
     """The attempt of the job's planned prompt, recorded now, when a backend knows that prompt
-    (queued, running, or in its history); None when none that answers does."""
+    (queued, running, or in its history), else None; and the backends that did not answer."""
     prompt_id = job.planned_prompt_id
     assert prompt_id is not None
+    silent = []
     for name, client in clients.items():
         queue = await _queue(name, client, queues)
         if isinstance(queue, BackendError | ComfyTimeout):
+            silent.append(name)
             continue
         try:
             known = prompt_id in queue or await client.history(prompt_id) is not None
         except (BackendError, ComfyTimeout):
+            silent.append(name)
             continue
         if known:
             log.info("job %s: its planned prompt %s is on %s", job.id, prompt_id, name)
-            return await store.start_attempt(job.id, name, prompt_id)
-    return None
+            return await store.start_attempt(job.id, name, prompt_id), silent
+    return None, silent
 
 
 async def _settle(

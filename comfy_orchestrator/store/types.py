@@ -102,9 +102,11 @@ class JobRecord:
     and ``lease_until`` are set while a worker holds the job (state ``running``).
 
     ``planned_prompt_id`` is drawn by each claim: the holder may submit its first prompt under it
-    while that attempt is being recorded (not before), so until an attempt with that id is recorded
-    (or the job leaves ``running``) the prompt may be on a backend that no attempt names, and
-    reconciliation asks every backend about it."""
+    at the same time as it records that attempt (a graph job's worker does; a pipeline records each
+    prompt first), so until an attempt with that id is recorded (or the job leaves ``running``)
+    the prompt may be on a backend that no attempt names, and reconciliation asks every backend
+    about it. A claim that takes over a lease that ran out plans anew; its ``job.running`` event
+    names the plan it found open (``abandoned_prompt_id``)."""
 
     id: str
     tenant: str

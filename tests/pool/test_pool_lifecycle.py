@@ -315,3 +315,29 @@ async def test_a_chosen_prompt_id_is_taken_back_off_when_its_dispatch_is_refused
         assert time.monotonic() - started < 2.0  # 100 steps would take 5 s
         await _until(lambda: a.running_prompt_id is None, timeout=2.0)
         assert a.queue_remaining == 0
+
+
+
+async def test_cancelling_a_job_while_its_chosen_prompt_and_its_dispatch_run_stops_both(
+    start_double: StartDouble,
+) -> None:
+    a = await start_double("a", step_delay=0.05)
+    listener_cancelled = asyncio.Event()
+
+    async def on_event(event: PoolEvent) -> None:
+        if event.kind is EventKind.DISPATCHED:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                listener_cancelled.set()
+                raise
+
+    async with Pool(configs(a), QUICK) as pool:
+        job = await pool.submit(sampler_graph(SD15, steps=100), on_event=on_event, prompt_id="planned-4")
+        await _until(lambda: a.running_prompt_id == "planned-4")
+        await pool.cancel(job)
+        with pytest.raises(JobCancelled):
+            await pool.result(job)
+        assert listener_cancelled.is_set()
+        await _until(lambda: a.running_prompt_id is None, timeout=2.0)
+        assert a.queue_remaining == 0

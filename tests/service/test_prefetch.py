@@ -50,6 +50,8 @@ async def test_a_jobs_outputs_are_stored_before_its_backend_confirms_the_prompt(
         assert done is not None
         assert done.state is JobState.SUCCEEDED
         assert done.result is not None
+        [attempt] = await store.list_attempts(job.id)  # submitted under the claim's plan
+        assert (attempt.backend, attempt.prompt_id) == ("gpu-0", job.planned_prompt_id)
         [output] = await store.list_outputs("acme", job.id)
         [entry] = fake.history.values()
         [saved] = [f for node in entry["outputs"].values() for f in node["images"]]

@@ -251,7 +251,8 @@ async def test_concurrent_workers_never_claim_the_same_job(open_store: OpenStore
 async def test_an_expired_lease_makes_the_job_claimable_again(clocked_store: JobStore, clock: FakeClock) -> None:
     store = clocked_store
     job, _ = await store.create_job("acme", "graph", graph())
-    assert (await store.claim_next("w1", lease_s=10)) is not None
+    first = await store.claim_next("w1", lease_s=10)
+    assert first is not None
     attempt = await store.start_attempt(job.id, "gpu-a", "prompt-1")
     clock.advance(5)
     assert await store.claim_next("w2", lease_s=10) is None
@@ -272,6 +273,9 @@ async def test_an_expired_lease_makes_the_job_claimable_again(clocked_store: Job
     assert (await store.list_attempts(job.id)) == [attempt]
     [event] = [e for e in await store.events_since("acme", 0) if e.data.get("reclaimed")]
     assert event.type == EventType.RUNNING
+    # w1 never recorded an attempt under its plan: the event names it, the new claim plans anew
+    assert event.data == {"reclaimed": True, "abandoned_prompt_id": first.planned_prompt_id}
+    assert reclaimed.planned_prompt_id not in (None, first.planned_prompt_id)
 
 
 async def test_release_requeues_and_ends_the_open_attempt(store: JobStore) -> None:

@@ -1,8 +1,9 @@
 """Start-up reconciliation against test doubles on real sockets, through real ``ComfyClient``s.
 
 Each test leaves the store as a killed service would: a job running under an old worker's lease,
-its attempt recorded with the prompt id chosen before submitting; the prompt then finished, is still
-queued or running, or was lost in a backend restart.
+its attempt recorded with the prompt id chosen before submitting (or, for ``planned_job``, its
+prompt submitted under the claim's planned id with no attempt recorded yet); the prompt then
+finished, is still queued or running, or was lost in a backend restart.
 """
 
 from __future__ import annotations
@@ -182,6 +183,22 @@ async def test_an_unreachable_backend_counts_as_unknown(
     assert item.outcome is Outcome.RESUBMITTED
     assert "unreachable" in item.reason
     server.faults.refuse = False
+
+
+async def test_a_planned_prompt_possibly_on_an_unreachable_backend_is_resubmitted(
+    store: JobStore, server: FakeComfyUI, client: ComfyClient
+) -> None:
+    job = await planned_job(store, None)
+    server.faults.refuse = True
+    [item] = (await reconcile_running(store, {"gpu-a": client})).items
+    server.faults.refuse = False
+    assert (item.outcome, item.attempt) == (Outcome.RESUBMITTED, None)
+    assert item.reason == f"planned prompt {job.planned_prompt_id} not found; gpu-a did not answer"
+    queued = await store.get_job("acme", job.id)
+    assert queued is not None
+    assert (queued.state, queued.planned_prompt_id) == (JobState.QUEUED, None)
+    [requeued] = [e for e in await store.events_since("acme", 0) if e.job_id == job.id][-1:]
+    assert requeued.data["reason"] == f"resubmitted: {item.reason}"
 
 
 async def test_an_unreachable_backend_is_asked_once_not_once_per_job(
