@@ -248,9 +248,18 @@ async def _beside(listener: Coroutine[Any, Any, None], work: Coroutine[Any, Any,
         heard.cancel()
         working.cancel()
         await asyncio.wait((heard, working))
+        _retrieved(heard, working)
         raise
+    _retrieved(working)  # when the listener's error is the one raised
     heard.result()
     return working.result()
+
+
+def _retrieved(*tasks: asyncio.Future[Any]) -> None:
+    """Mark ended tasks' errors as seen (one is raised instead): no "never retrieved" warning."""
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()
 
 
 def _why(error: BaseException | None) -> str:

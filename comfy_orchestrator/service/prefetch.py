@@ -29,9 +29,10 @@ class OutputPrefetch:
     """One job's early staging: ``start`` on each ``output`` event, ``collect`` once the prompt has
     finished, ``close`` always (it stops what nobody collected)."""
 
-    def __init__(self, store: JobStore, clients: Mapping[str, FileSource], job_id: str) -> None:
+    def __init__(self, store: JobStore, clients: Mapping[str, FileSource], job_id: str, *, parallel: int = 4) -> None:
         self._store, self._clients, self._job_id = store, clients, job_id
         self._staging: dict[tuple[int, str, FileRef], asyncio.Task[OutputRecord]] = {}
+        self._slots = asyncio.Semaphore(parallel)  # a batch of 64 images is not 64 downloads at once
 
     def start(self, event: PoolEvent) -> None:
         """Stage the files of an ``output`` event from the backend that reported them."""
@@ -41,8 +42,12 @@ class OutputPrefetch:
         for node_id, ref in output_files({event.node: NodeOutput(event.node, event.files)}):
             key = (event.attempt, node_id, ref)
             if key not in self._staging:
-                self._staging[key] = asyncio.create_task(stage_file(self._store, client, self._job_id, node_id, ref),
+                self._staging[key] = asyncio.create_task(self._stage(client, node_id, ref),
                                                          name=f"prefetch:{self._job_id}:{node_id}")
+
+    async def _stage(self, client: FileSource, node_id: str, ref: FileRef) -> OutputRecord:
+        async with self._slots:
+            return await stage_file(self._store, client, self._job_id, node_id, ref)
 
     async def collect(self, backend: str, attempt: int, outputs: Mapping[str, NodeOutput]) -> list[OutputRecord]:
         """The staged records of ``outputs`` (a finished prompt's, attempt ``attempt`` on ``backend``):

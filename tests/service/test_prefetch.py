@@ -105,3 +105,41 @@ async def test_collect_uses_what_was_staged_for_the_same_attempt_and_fetches_the
             assert (record.name, record.size) == (f"{node_id}/{output.files[0].filename}", len(on_server))
             assert record.path.read_bytes() == on_server
         assert await store.list_outputs("acme", job.id) == []  # staged, named by nobody yet
+
+
+class GaugedClient:
+    """A real client that counts the downloads under way at once."""
+
+    def __init__(self, client: ComfyClient) -> None:
+        self.client, self.active, self.most = client, 0, 0
+
+    async def iter_download(self, ref: FileRef, *, chunk_size: int = 1 << 16) -> AsyncIterator[bytes]:
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            async for chunk in self.client.iter_download(ref, chunk_size=chunk_size):
+                await asyncio.sleep(0.02)  # a slower network: downloads overlap
+                yield chunk
+        finally:
+            self.active -= 1
+
+
+async def test_a_batch_of_files_is_staged_a_few_at_a_time(tmp_path: Path) -> None:
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
+            FakeComfyUI(name="fake-0") as fake, ComfyClient(fake.url) as client:
+        job, _ = await store.create_job("acme", "graph", {"1": {"class_type": "X", "inputs": {}}},
+                                        claim=Claim("w", 60))
+        result = await client.run({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 6, "color": 77}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "batch"}},
+        })
+        [(node_id, output)] = result.outputs.items()
+        assert len(output.files) == 6
+        gauged = GaugedClient(client)
+        prefetch = OutputPrefetch(store, {"gpu-0": gauged}, job.id, parallel=2)
+        prefetch.start(PoolEvent(job.id, EventKind.OUTPUT, backend="gpu-0", attempt=1, node=node_id,
+                                 files=output.files))
+        records = await prefetch.collect("gpu-0", 1, result.outputs)
+        await prefetch.close()
+        assert gauged.most == 2
+        assert [r.name for r in records] == [f"{node_id}/{f.filename}" for f in output.files]
