@@ -167,18 +167,19 @@ async def reconcile_job(
     error it gave: a dead backend is asked once, not once per job it had."""
     resubmit = resubmit or requeue_lost(store)
     queues = {} if queues is None else queues
+    entry: HistoryEntry | None = None  # the planned prompt's, when that is where it was found
     if job.planned_prompt_id is not None and job.kind is not JobKind.PIPELINE:
         try:
-            planned, silent = await _find_planned(store, job, clients, queues)
+            planned, entry, silent = await _find_planned(store, job, clients, queues)
         except JobNotRunning:
             return _done(job, attempt, Outcome.ALREADY_ENDED, "ended while being reconciled")
-        in_flight = attempt is not None and attempt.state in (AttemptState.RUNNING, AttemptState.SUCCEEDED)
-        if planned is None and silent and not in_flight:  # it may be on a backend that did not answer
+        gone = attempt is None or not _in_flight(attempt)
+        if planned is None and silent and gone:  # it may be on a backend that did not answer
             reason = f"planned prompt {job.planned_prompt_id} not found; {', '.join(silent)} did not answer"
             await resubmit(job, None, reason)
             return _done(job, None, Outcome.RESUBMITTED, reason)
         attempt = planned or attempt
-    if attempt is None or attempt.state not in (AttemptState.RUNNING, AttemptState.SUCCEEDED):
+    if attempt is None or not _in_flight(attempt):
         released = await store.release(job.id, reason="no prompt in flight")
         return _done(job, attempt, Outcome.REQUEUED if released else Outcome.ALREADY_ENDED, "no prompt in flight")
     client = clients.get(attempt.backend)
@@ -197,7 +198,7 @@ async def reconcile_job(
         if attempt.prompt_id in queue:
             taken = await store.take_over(job.id, worker_id, lease_s=lease_s)
             return _done(job, attempt, Outcome.FOLLOW if taken else Outcome.ALREADY_ENDED, "in the backend's queue")
-        entry = await client.history(attempt.prompt_id)
+        entry = entry or await client.history(attempt.prompt_id)
         if entry is None:
             reason = f"prompt {attempt.prompt_id} is unknown to {attempt.backend}"
         else:
@@ -229,9 +230,10 @@ async def _find_planned(
     job: JobRecord,
     clients: Mapping[str, BackendClient],
     queues: dict[str, QueueState | BackendError | ComfyTimeout],
-) -> tuple[AttemptRecord | None, list[str]]:
+) -> tuple[AttemptRecord | None, HistoryEntry | None, list[str]]:
     """The attempt of the job's planned prompt, recorded now, when a backend knows that prompt
-    (queued, running, or in its history), else None; and the backends that did not answer."""
+    (queued, running, or in its history: then that entry too), else None; and the backends that
+    did not answer."""
     prompt_id = job.planned_prompt_id
     assert prompt_id is not None
     silent = []
@@ -241,14 +243,19 @@ async def _find_planned(
             silent.append(name)
             continue
         try:
-            known = prompt_id in queue or await client.history(prompt_id) is not None
+            entry = None if prompt_id in queue else await client.history(prompt_id)
         except (BackendError, ComfyTimeout):
             silent.append(name)
             continue
-        if known:
+        if prompt_id in queue or entry is not None:
             log.info("job %s: its planned prompt %s is on %s", job.id, prompt_id, name)
-            return await store.start_attempt(job.id, name, prompt_id), silent
-    return None, silent
+            return await store.start_attempt(job.id, name, prompt_id), entry, silent
+    return None, None, silent
+
+
+def _in_flight(attempt: AttemptRecord) -> bool:
+    """Whether ``attempt`` may still have its prompt on its backend (or its outputs to collect)."""
+    return attempt.state in (AttemptState.RUNNING, AttemptState.SUCCEEDED)
 
 
 async def _settle(

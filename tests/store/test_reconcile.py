@@ -258,6 +258,14 @@ async def test_a_planned_prompt_no_attempt_names_is_found_on_the_backend_that_ha
         other.faults.hang = HangMode.MID_RUN
         running = await planned_job(store, other, wait="running")
         never = await planned_job(store, None)
+        asked: list[str] = []
+        history = other_client.history
+
+        async def counted(prompt_id: str) -> Any:
+            asked.append(prompt_id)
+            return await history(prompt_id)
+
+        other_client.history = counted  # type: ignore[method-assign]
         report = await reconcile_running(store, {"gpu-a": client, "gpu-b": other_client}, worker_id="svc-2")
         other.faults.hang = None
     found = {item.job.id: (item.outcome, item.attempt and (item.attempt.backend, item.attempt.prompt_id))
@@ -266,6 +274,7 @@ async def test_a_planned_prompt_no_attempt_names_is_found_on_the_backend_that_ha
                      running.id: (Outcome.FOLLOW, ("gpu-b", running.planned_prompt_id)),
                      never.id: (Outcome.REQUEUED, None)}
     assert server.history == {}  # gpu-a was asked, and ran nothing
+    assert asked.count(done.planned_prompt_id) == 1  # the entry that found it is the one settled
     for job, state in ((done, AttemptState.SUCCEEDED), (running, AttemptState.RUNNING)):
         [attempt] = await store.list_attempts(job.id)
         assert (attempt.backend, attempt.prompt_id, attempt.state) == ("gpu-b", job.planned_prompt_id, state)
