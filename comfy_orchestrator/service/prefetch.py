@@ -6,7 +6,8 @@ ComfyUI sends a node's ``executed`` message once the node has written its files;
 ``output`` event), so the download and the store's fsyncs overlap that wait. ``collect`` then takes
 the confirmed outputs as the truth: each file staged early under the same attempt is used, anything
 else is downloaded then, and what was staged but not confirmed (another attempt's, or a prompt that
-failed after all) is never recorded: ``stage_output`` names nothing until ``complete_job``.
+failed after all) is never recorded: ``stage_output`` names nothing until ``complete_job``. An
+attempt the pool gave up on (``retried``) has its staging stopped at once (``drop``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class OutputPrefetch:
     def __init__(self, store: JobStore, clients: Mapping[str, FileSource], job_id: str, *, parallel: int = 4) -> None:
         self._store, self._clients, self._job_id = store, clients, job_id
         self._staging: dict[tuple[int, str, FileRef], asyncio.Task[OutputRecord]] = {}
+        self._dropped: list[asyncio.Task[OutputRecord]] = []  # cancelled, waited for by ``close``
         self._slots = asyncio.Semaphore(parallel)  # a batch of 64 images is not 64 downloads at once
 
     def start(self, event: PoolEvent) -> None:
@@ -48,6 +50,13 @@ class OutputPrefetch:
     async def _stage(self, client: FileSource, node_id: str, ref: FileRef) -> OutputRecord:
         async with self._slots:
             return await stage_file(self._store, client, self._job_id, node_id, ref)
+
+    def drop(self, attempt: int) -> None:
+        """Stop staging the files of ``attempt``, which failed: nothing will name them."""
+        for key in [key for key in self._staging if key[0] == attempt]:
+            task = self._staging.pop(key)
+            task.cancel()
+            self._dropped.append(task)
 
     async def collect(self, backend: str, attempt: int, outputs: Mapping[str, NodeOutput]) -> list[OutputRecord]:
         """The staged records of ``outputs`` (a finished prompt's, attempt ``attempt`` on ``backend``):
@@ -67,8 +76,9 @@ class OutputPrefetch:
 
     async def close(self) -> None:
         """Stop the staging nobody collected (a failed or cancelled job, another attempt's files)."""
-        pending = list(self._staging.values())
+        pending = [*self._staging.values(), *self._dropped]
         self._staging.clear()
+        self._dropped.clear()
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -7,9 +7,15 @@ records how it ended.
     complete_job / fail_job
 
 While a job runs its lease is renewed every third of ``lease_s``; a renewal that fails (the job was
-cancelled, possibly by another process) cancels it on the pool. On shutdown a worker stops
+cancelled, possibly by another process, or its lease ran out and another worker took it over) stops
+the work on the pool, and this worker records nothing more of the job. On shutdown a worker stops
 claiming; a job still running when the drain timeout ends is cancelled on its backend and released
 back to the queue, its attempt ``abandoned``.
+
+A claim that took over a lease that ran out (a worker in another process died) is first reconciled
+with the backends as start-up reconciliation does (``reconcile_job``): the previous holder's prompt,
+recorded or only planned, is followed when it is still queued or running, collected when it
+finished, and the job runs afresh only when nothing of it is in flight.
 
 Each attempt is recorded when the pool reports ``dispatched``; the event carries the prompt id the
 attempt will use. The first attempt under a claim uses the job's ``planned_prompt_id``, which the
@@ -29,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from comfy_orchestrator.client import ComfyClient
-from comfy_orchestrator.errors import BackendError, ComfyOrchestratorError, ComfyTimeout, PromptLost
+from comfy_orchestrator.errors import BackendError, ComfyOrchestratorError, ComfyTimeout, JobCancelled, PromptLost
 from comfy_orchestrator.graph import Template
 from comfy_orchestrator.pipelines import PipelineAborted
 from comfy_orchestrator.pool import EventKind, Pool, PoolEvent
@@ -48,8 +54,10 @@ from comfy_orchestrator.store import (
     JobKind,
     JobRecord,
     JobStore,
+    Outcome,
     collect_outputs,
     error_info,
+    reconcile_job,
 )
 
 __all__ = ["PROGRESS_INTERVAL_S", "Worker"]
@@ -58,6 +66,13 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.2  # at most 5 progress events per second per job
 _IDLE_POLL_S = 0.2
+
+
+class _Lease:
+    """Whether the lease a ``_leased`` block keeps renewed was lost (the job cancelled, or taken
+    over by another worker): then what the block ends with is not this worker's to record."""
+
+    lost = False
 
 
 class Worker:
@@ -131,6 +146,9 @@ class Worker:
         self.notifier.job_queued()
 
     async def process(self, job: JobRecord) -> None:
+        if job.reclaimed:
+            await self._resume(job)
+            return
         if job.kind is JobKind.PIPELINE:
             await self._process_pipeline(job)
             return
@@ -140,14 +158,15 @@ class Worker:
             await self._fail(job, {"type": exc.type, "message": exc.message})
             return
         prefetch = OutputPrefetch(self.store, self.clients, job.id)
+        lease = _Lease()
         try:
-            async with self._leased(job):
+            async with self._leased(job) as lease:
                 uploads = await load_uploads(self.inputs, job)  # InputNotFound fails the job
                 result = await self.pool.run(graph, job_id=job.id, labels=job.labels, uploads=uploads,
                                              on_event=self.recorder(job, prefetch), prompt_id=job.planned_prompt_id)
                 outputs = await prefetch.collect(result.backend, len(result.attempts), result.result.outputs)
-        except (ComfyOrchestratorError, OSError) as exc:  # JobCancelled too: a no-op when the tenant cancelled
-            await self._fail(job, error_info(exc))
+        except (ComfyOrchestratorError, OSError) as exc:  # JobCancelled too
+            await self._fail(job, error_info(exc), lease)
             return
         finally:
             await prefetch.close()
@@ -162,44 +181,52 @@ class Worker:
         if self.pipelines is None:
             await self._fail(job, {"type": "Unsupported", "message": "this worker runs no pipeline jobs"})
             return
+        lease = _Lease()
         try:
-            async with self._leased(job):
+            async with self._leased(job) as lease:
                 summary, outputs = await self.pipelines.run(job, self.recorder(job), self.notifier.notify)
         except ApiError as exc:
-            await self._fail(job, {"type": exc.type, "message": exc.message})
+            await self._fail(job, {"type": exc.type, "message": exc.message}, lease)
             return
         except PipelineAborted as exc:
-            await self._fail(job, {**error_info(exc), "step": exc.step})
+            await self._fail(job, {**error_info(exc), "step": exc.step}, lease)
             return
         except (ComfyOrchestratorError, OSError) as exc:
-            await self._fail(job, error_info(exc))
+            await self._fail(job, error_info(exc), lease)
             return
         if await self.store.complete_job(job.id, summary, outputs):
             log.info("job %s: pipeline %s finished with %d outputs", job.id, summary["pipeline"], len(outputs))
         self.notifier.notify()
 
-    async def _fail(self, job: JobRecord, error: dict[str, Any]) -> None:
+    async def _fail(self, job: JobRecord, error: dict[str, Any], lease: _Lease | None = None) -> None:
+        if lease is not None and lease.lost:  # cancelled (already final), or another worker's job now
+            log.info("job %s: lost its lease; leaving it as it is (%s)", job.id, error.get("message"))
+            return
         if await self.store.fail_job(job.id, error):
             log.info("job %s: failed: %s", job.id, error.get("message"))
         self.notifier.notify()
 
     @contextlib.asynccontextmanager
-    async def _leased(self, job: JobRecord, *, prompt: tuple[ComfyClient, str] | None = None) -> AsyncIterator[None]:
+    async def _leased(self, job: JobRecord, *, prompt: tuple[ComfyClient, str] | None = None) -> AsyncIterator[_Lease]:
         """Keep ``job``'s lease renewed while the body runs (see ``_keep_lease``)."""
-        keeper = asyncio.create_task(self._keep_lease(job, prompt=prompt), name=f"lease:{job.id}")
+        lease = _Lease()
+        keeper = asyncio.create_task(self._keep_lease(job, lease, prompt=prompt), name=f"lease:{job.id}")
         try:
-            yield
+            yield lease
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
 
-    async def _keep_lease(self, job: JobRecord, *, prompt: tuple[ComfyClient, str] | None = None) -> None:
+    async def _keep_lease(
+        self, job: JobRecord, lease: _Lease, *, prompt: tuple[ComfyClient, str] | None = None
+    ) -> None:
         """Renew ``job``'s lease; once it is lost, cancel the job on the pool (or, for an adopted
         job, its ``prompt`` on its backend)."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             if not await self.store.renew_lease(job.id, self.worker_id, lease_s=self.lease_s):
+                lease.lost = True
                 log.info("job %s: lease lost (cancelled or reclaimed); cancelling its prompt", job.id)
                 if prompt is not None:
                     client, prompt_id = prompt
@@ -218,7 +245,9 @@ class Worker:
 
         A prompt the backend lost meanwhile, or a backend that stays unreachable, sends the job back
         to the queue (attempt ``lost``); a failed prompt fails the job; a cancel from the tenant
-        interrupts the prompt. Cancelled (shutdown): the prompt is taken off its backend and the job
+        interrupts the prompt. A prompt interrupted by anyone else while this worker still holds the
+        job (a worker whose lease ran out taking its prompt off as it gives the job up) sends the job
+        back to the queue too. Cancelled (shutdown): the prompt is taken off its backend and the job
         released, as for a job this process submitted."""
         client = self.clients.get(attempt.backend)
         if client is None:
@@ -227,8 +256,9 @@ class Worker:
             self.notifier.job_queued()
             return
         log.info("job %s: following prompt %s left running on %s", job.id, attempt.prompt_id, attempt.backend)
+        lease = _Lease()
         try:
-            async with self._leased(job, prompt=(client, attempt.prompt_id)):
+            async with self._leased(job, prompt=(client, attempt.prompt_id)) as lease:
                 result = await client.follow(attempt.prompt_id)
                 outputs = await collect_outputs(self.store, client, job.id, result.outputs)
         except asyncio.CancelledError:
@@ -242,14 +272,37 @@ class Worker:
                                      error=error_info(exc), reason=f"resubmitted: {exc}")
             self.notifier.job_queued()
             return
+        except JobCancelled as exc:
+            if not lease.lost and await self.store.release(
+                    job.id, worker_id=self.worker_id, attempt_state=AttemptState.LOST, error=error_info(exc),
+                    reason=f"resubmitted: its prompt was interrupted on {attempt.backend}, not by its tenant"):
+                self.notifier.job_queued()
+            return
         except (ComfyOrchestratorError, OSError) as exc:
-            await self._fail(job, error_info(exc))
+            await self._fail(job, error_info(exc), lease)
             return
         summary = {"backend": attempt.backend, "prompt_id": result.prompt_id, "outputs": [o.name for o in outputs],
                    "attempts": attempt.n, "adopted": True}
         if await self.store.complete_job(job.id, summary, outputs):
             log.info("job %s: adopted prompt %s succeeded on %s", job.id, result.prompt_id, attempt.backend)
         self.notifier.notify()
+
+    async def _resume(self, job: JobRecord) -> None:
+        """A job whose lease ran out, claimed from its dead holder: settle what that holder left on
+        the backends (its open attempt, or the plan it may have submitted unrecorded) as start-up
+        reconciliation does. A prompt still queued or running is followed (``adopt``), one that
+        ended is collected or fails the job, and a job with nothing in flight goes back to the
+        queue, to run afresh under a new plan."""
+        attempts = await self.store.list_attempts(job.id)
+        async with self._leased(job):
+            item = await reconcile_job(self.store, job, attempts[-1] if attempts else None, self.clients,
+                                       worker_id=self.worker_id, lease_s=self.lease_s)
+        if item.outcome is Outcome.FOLLOW and item.attempt is not None:
+            await self.adopt(job, item.attempt)
+        elif item.outcome in (Outcome.RESUBMITTED, Outcome.REQUEUED):
+            self.notifier.job_queued()
+        else:
+            self.notifier.notify()
 
     def recorder(
         self, job: JobRecord, prefetch: OutputPrefetch | None = None
@@ -279,6 +332,8 @@ class Worker:
                 last_progress = now
                 data.update(fraction=event.fraction, node=event.node)
             elif event.kind is EventKind.RETRIED:
+                if prefetch is not None:
+                    prefetch.drop(event.attempt)  # the attempt that failed: its files are nobody's
                 data.update(reason=event.reason, delay=event.delay)
             elif event.kind is EventKind.CACHED:
                 data.update(nodes=list(event.nodes))

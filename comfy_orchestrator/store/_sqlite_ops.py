@@ -134,23 +134,22 @@ def insert_job(
 
 
 def claim(db: sqlite3.Connection, worker_id: str, until: int, now: int) -> tuple[sqlite3.Row, bool] | None:
-    """Lease the oldest running job whose lease ran out, else the oldest queued one, drawing a new
-    planned prompt id (the ``job.running`` event names a plan the previous holder left open);
-    (row, reclaimed)."""
-    row = one(db, "SELECT id, tenant, planned_prompt_id FROM jobs WHERE state = 'running' AND lease_until_us <= ? "
+    """Lease the oldest running job whose lease ran out, else the oldest queued one; (row, reclaimed).
+    A queued job gets a new planned prompt id; a reclaimed one keeps the plan its previous holder
+    left open (it may have submitted it), for the new holder to reconcile."""
+    row = one(db, "SELECT id, tenant FROM jobs WHERE state = 'running' AND lease_until_us <= ? "
                   "ORDER BY created_us, id LIMIT 1", (now,))
     reclaimed = row is not None
     if row is None:
-        row = one(db, "SELECT id, tenant, NULL AS planned_prompt_id FROM jobs WHERE state = 'queued' "
-                  "ORDER BY created_us, id LIMIT 1")
-    if row is None:
-        return None
-    db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ?, updated_us = ?, "
-               "planned_prompt_id = ? WHERE id = ?", (worker_id, until, now, str(uuid.uuid4()), row["id"]))
-    data: dict[str, Any] = {"reclaimed": reclaimed}
-    if row["planned_prompt_id"] is not None:  # the dead holder's plan, never recorded: it may have run
-        data["abandoned_prompt_id"] = row["planned_prompt_id"]
-    event(db, row["id"], row["tenant"], EventType.RUNNING, data, now)
+        row = one(db, "SELECT id, tenant FROM jobs WHERE state = 'queued' ORDER BY created_us, id LIMIT 1")
+        if row is None:
+            return None
+        db.execute("UPDATE jobs SET state = 'running', lease_owner = ?, lease_until_us = ?, updated_us = ?, "
+                   "planned_prompt_id = ? WHERE id = ?", (worker_id, until, now, str(uuid.uuid4()), row["id"]))
+    else:
+        db.execute("UPDATE jobs SET lease_owner = ?, lease_until_us = ?, updated_us = ? WHERE id = ?",
+                   (worker_id, until, now, row["id"]))
+    event(db, row["id"], row["tenant"], EventType.RUNNING, {"reclaimed": reclaimed}, now)
     claimed = one(db, "SELECT * FROM jobs WHERE id = ?", (row["id"],))
     assert claimed is not None
     return claimed, reclaimed

@@ -21,7 +21,7 @@ from comfy_orchestrator.store.types import (
 __all__ = ["attempt_from", "event_from", "job_from", "output_from", "step_from"]
 
 
-def job_from(row: sqlite3.Row) -> JobRecord:
+def job_from(row: sqlite3.Row, *, reclaimed: bool = False) -> JobRecord:
     lease_until = row["lease_until_us"]
     return JobRecord(
         id=row["id"],
@@ -40,6 +40,7 @@ def job_from(row: sqlite3.Row) -> JobRecord:
         lease_owner=row["lease_owner"],
         lease_until=None if lease_until is None else from_us(lease_until),
         planned_prompt_id=row["planned_prompt_id"],
+        reclaimed=reclaimed,
     )
 
 

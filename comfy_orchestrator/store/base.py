@@ -140,9 +140,11 @@ class JobStore(Protocol):
     async def claim_next(self, worker_id: str, *, lease_s: float) -> JobRecord | None:
         """Move the oldest claimable job to ``running`` under a lease held by ``worker_id`` until now
         + ``lease_s``; None when there is none. Claimable: a queued job, or a running one whose
-        lease ran out (its worker is presumed dead; the job's open attempt, if any, stays for the
-        new holder to reconcile). No two callers ever get the same claim. Each claim draws the
-        job's ``planned_prompt_id``."""
+        lease ran out (its worker is presumed dead). No two callers ever get the same claim. A
+        queued job's claim draws its ``planned_prompt_id``; a reclaimed job (``reclaimed`` set on
+        the record returned) keeps its open attempt and the plan its previous holder left open,
+        which may both be on a backend: the new holder reconciles them (``reconcile_job``)
+        before it runs anything."""
         ...
 
     async def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float) -> bool:

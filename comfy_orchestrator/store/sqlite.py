@@ -221,8 +221,9 @@ class SQLiteJobStore:
         claimed = await self._db.write(lambda db: ops.claim(db, worker_id, now + to_us(lease_s), now))
         if claimed is None:
             return None
-        job = rows.job_from(claimed[0])
-        log.info("job %s claimed by %s%s", job.id, worker_id, " (its lease had run out)" if claimed[1] else "")
+        row, reclaimed = claimed
+        job = rows.job_from(row, reclaimed=reclaimed)
+        log.info("job %s claimed by %s%s", job.id, worker_id, " (its lease had run out)" if reclaimed else "")
         return job
 
     async def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float) -> bool:

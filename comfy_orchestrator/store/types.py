@@ -105,8 +105,10 @@ class JobRecord:
     at the same time as it records that attempt (a graph job's worker does; a pipeline records each
     prompt first), so until an attempt with that id is recorded (or the job leaves ``running``)
     the prompt may be on a backend that no attempt names, and reconciliation asks every backend
-    about it. A claim that takes over a lease that ran out plans anew; its ``job.running`` event
-    names the plan it found open (``abandoned_prompt_id``)."""
+    about it. A claim that takes over a lease that ran out keeps the plan it found open.
+
+    ``reclaimed`` is not stored: it is set on the record ``claim_next`` returns when that claim took
+    over a lease that ran out, so the new holder knows to reconcile the job before running it."""
 
     id: str
     tenant: str
@@ -124,6 +126,7 @@ class JobRecord:
     lease_owner: str | None = None
     lease_until: datetime | None = None
     planned_prompt_id: str | None = None
+    reclaimed: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

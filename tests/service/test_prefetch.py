@@ -143,3 +143,45 @@ async def test_a_batch_of_files_is_staged_a_few_at_a_time(tmp_path: Path) -> Non
         await prefetch.close()
         assert gauged.most == 2
         assert [r.name for r in records] == [f"{node_id}/{f.filename}" for f in output.files]
+
+
+class StalledClient:
+    """A download that sends its first chunk, then waits until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+
+    async def iter_download(self, ref: FileRef, *, chunk_size: int = 1 << 16) -> AsyncIterator[bytes]:
+        self.started.set()
+        yield b"x" * 10
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        yield b""  # never reached
+
+
+async def test_an_attempt_the_pool_retries_has_its_staging_stopped(tmp_path: Path) -> None:
+    """The worker's recorder passes ``retried`` on: the failed attempt's downloads stop then, not
+    when the job ends, and a later attempt's staging goes on."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        job, _ = await store.create_job("acme", "graph", {"1": {"class_type": "X", "inputs": {}}},
+                                        claim=Claim("w", 60))
+        first, second = StalledClient(), StalledClient()
+        prefetch = OutputPrefetch(store, {"gpu-0": first, "gpu-1": second}, job.id)
+        ref = FileRef("a.png", "", "output")
+        prefetch.start(PoolEvent(job.id, EventKind.OUTPUT, backend="gpu-0", attempt=1, node="9", files=(ref,)))
+        prefetch.start(PoolEvent(job.id, EventKind.OUTPUT, backend="gpu-1", attempt=2, node="9", files=(ref,)))
+        async with asyncio.timeout(5):
+            await first.started.wait()
+            await second.started.wait()
+        worker = Worker(store, Pool(), BackendClients([]), {}, Notifier(), worker_id="w", lease_s=60)
+        await worker.recorder(job, prefetch)(PoolEvent(job.id, EventKind.RETRIED, backend="gpu-0", attempt=1,
+                                                       reason="backend died", delay=0.0))
+        async with asyncio.timeout(5):
+            await first.cancelled.wait()
+        assert not second.cancelled.is_set()
+        await prefetch.close()
+        assert second.cancelled.is_set()
+        assert list((tmp_path / "out" / ".tmp").glob("*")) == []

@@ -336,6 +336,38 @@ async def test_a_process_that_dies_is_started_again_and_sigterm_stops_them_all(t
                     os.kill(pid, 0)
 
 
+async def _process_running_it(base: str, pids: dict[str, int]) -> int:
+    """The pid of the service process with a prompt in flight."""
+    async with asyncio.timeout(30):
+        while True:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one:
+                async with one.get(f"{base}/healthz") as resp:  # the same kept-alive connection below
+                    label = (await resp.json())["process"]
+                async with one.get(f"{base}/v1/backends", headers=auth()) as resp:
+                    items = (await resp.json())["items"]
+            if any(item["in_flight_here"] for item in items):
+                return pids[label]
+
+
+async def test_a_job_whose_process_was_killed_is_taken_over_and_its_prompt_followed(tmp_path: Path) -> None:
+    """SIGKILL the process running a job: once its lease runs out another worker takes the job
+    over, finds its prompt still running on the backend and follows it, instead of running it again."""
+    port = free_port("127.0.0.1")
+    base = f"http://127.0.0.1:{port}"
+    async with FakeComfyUI(name="fake-0", node_delay=2.0) as fake, _session() as session:  # a prompt: ~10 s
+        config = _config(tmp_path, port, [fake], workers=2, lease_s=3.0)
+        async with _supervisor(config, port, session, 2) as (proc, pids):
+            job_id = await _submit_one(session, base, 0x0D0E0F)
+            prompt_id = await _wait_running_on(fake)
+            os.kill(await _process_running_it(base, pids), signal.SIGKILL)
+            done = await _wait_all(session, base, [job_id], "succeeded", timeout=40)
+            assert await _terminate(proc, timeout=30) == 0, proc.output()
+        assert done[job_id]["result"]["adopted"] is True
+        assert done[job_id]["result"]["prompt_id"] == prompt_id
+        assert list(fake.history) == [prompt_id]  # it ran once
+        assert _attempts(tmp_path / "jobs.db", job_id) == [("gpu-0", prompt_id, "succeeded")]
+
+
 def _alive(pid: int) -> bool:
     """Running, not a zombie waiting for a parent (or an init that may never reap it)."""
     try:

@@ -1,19 +1,24 @@
-"""The worker's event recording: attempts when the pool dispatches, progress at most 5 per second."""
+"""The worker's event recording (attempts when the pool dispatches, progress at most 5 per second), and
+its handling of leases: a job taken over after its lease ran out, and a lease lost to another worker."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from comfy_orchestrator.client import ComfyClient
 from comfy_orchestrator.errors import JobCancelled
 from comfy_orchestrator.graph import Graph
 from comfy_orchestrator.pool import BackendConfig, EventKind, Pool, PoolEvent
 from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.worker import PROGRESS_INTERVAL_S, Worker
-from comfy_orchestrator.store import Claim, SQLiteJobStore
+from comfy_orchestrator.store import AttemptState, Claim, JobRecord, JobState, SQLiteJobStore
 from comfy_orchestrator.testing import FakeComfyUI
 from tests.service.conftest import ops_graph
 
@@ -78,3 +83,147 @@ async def test_a_job_cancelled_before_its_attempt_is_recorded_never_runs_its_pro
         assert not [e for e in fake.history.values() if e["status"]["status_str"] == "success"]
         assert fake.queue_remaining == 0
         assert await store.list_attempts(job.id) == []
+
+
+# -- a job whose lease ran out, taken over from a dead worker ----------------------------------------
+
+_GRAPH = ops_graph(color=0x336699, width=8, height=8, scale_by=1.0, blur_radius=1)
+
+
+async def _until_final(store: SQLiteJobStore, job_id: str, timeout: float = 15.0) -> JobRecord:
+    async with asyncio.timeout(timeout):
+        while True:
+            job = await store.get_job("acme", job_id)
+            assert job is not None
+            if job.state.final:
+                return job
+            await asyncio.sleep(0.02)
+
+
+async def _until_attempted(store: SQLiteJobStore, job_id: str) -> None:
+    async with asyncio.timeout(10):
+        for _ in itertools.count():
+            if await store.list_attempts(job_id):
+                return
+            await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def _running_worker(store: SQLiteJobStore, fake: FakeComfyUI) -> AsyncIterator[None]:
+    """A worker over ``fake`` (backend ``gpu-0``) claiming from ``store`` while the block runs."""
+    config = BackendConfig("gpu-0", fake.url)
+    clients = BackendClients([config])
+    async with Pool([config]) as pool:
+        worker = Worker(store, pool, clients, {}, Notifier(), worker_id="heir", lease_s=30)
+        stopping = asyncio.Event()
+        task = asyncio.create_task(worker.run(stopping))
+        try:
+            yield
+        finally:
+            stopping.set()
+            await asyncio.wait_for(task, 10)
+            await clients.close()
+
+
+async def _claimed_by_a_dead_worker(store: SQLiteJobStore) -> JobRecord:
+    """A job claimed by a worker that then died: its lease (0.2 s) has run out on return."""
+    await store.create_job("acme", "graph", _GRAPH)
+    job = await store.claim_next("dead", lease_s=0.2)
+    assert job is not None
+    assert job.planned_prompt_id is not None
+    await asyncio.sleep(0.25)
+    return job
+
+
+def _successes(fake: FakeComfyUI) -> list[str]:
+    return [p for p, e in fake.history.items() if e["status"]["status_str"] == "success"]
+
+
+async def test_a_reclaimed_job_follows_the_prompt_its_dead_holder_submitted_under_its_plan(tmp_path: Path) -> None:
+    """The dead worker submitted its planned prompt and died before recording it: the worker that
+    takes the job over finds that prompt on the backend and follows it instead of running it again."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
+            FakeComfyUI(name="fake-0", node_delay=0.3) as fake:
+        job = await _claimed_by_a_dead_worker(store)
+        async with ComfyClient(fake.url) as client:
+            await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
+        async with _running_worker(store, fake):
+            done = await _until_final(store, job.id)
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.result is not None
+        assert (done.result["prompt_id"], done.result["adopted"]) == (job.planned_prompt_id, True)
+        assert _successes(fake) == [job.planned_prompt_id]  # ran once
+        assert [(a.prompt_id, a.state) for a in await store.list_attempts(job.id)] == [
+            (job.planned_prompt_id, AttemptState.SUCCEEDED)]
+        assert [o.name for o in await store.list_outputs("acme", job.id)] == done.result["outputs"] != []
+
+
+async def test_a_reclaimed_job_collects_what_its_dead_holders_prompt_left(tmp_path: Path) -> None:
+    """The dead worker recorded its attempt, and the prompt finished after it died: the outputs are
+    collected from the backend's history, nothing runs again."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, FakeComfyUI(name="fake-0") as fake:
+        job = await _claimed_by_a_dead_worker(store)
+        await store.start_attempt(job.id, "gpu-0", "recorded-prompt")
+        async with ComfyClient(fake.url) as client:
+            await client.run(_GRAPH, prompt_id="recorded-prompt", timeout=10)
+        async with _running_worker(store, fake):
+            done = await _until_final(store, job.id)
+        assert done.state is JobState.SUCCEEDED, done.error
+        assert done.result is not None
+        assert done.result["prompt_id"] == "recorded-prompt"
+        assert _successes(fake) == ["recorded-prompt"]
+        assert len(await store.list_outputs("acme", job.id)) == 1
+
+
+async def test_a_reclaimed_job_whose_plan_reached_no_backend_runs_afresh(tmp_path: Path) -> None:
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, FakeComfyUI(name="fake-0") as fake:
+        job = await _claimed_by_a_dead_worker(store)
+        async with _running_worker(store, fake):
+            done = await _until_final(store, job.id)
+        assert done.state is JobState.SUCCEEDED, done.error
+        [ran] = _successes(fake)
+        assert ran != job.planned_prompt_id  # back in the queue, claimed again: a new plan
+        events = [e.type for e in await store.events_since("acme", 0)]
+        assert events == ["job.queued", "job.running", "job.running", "job.queued", "job.running", "job.attempt",
+                          "job.succeeded"]
+
+
+async def test_a_followed_prompt_interrupted_by_someone_else_sends_the_job_back_to_the_queue(tmp_path: Path) -> None:
+    """A worker that wakes after its lease ran out takes its prompt off as it gives the job up; the
+    worker that took the job over and followed that prompt runs the job again (it was not the
+    tenant's cancel) rather than failing it."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
+            FakeComfyUI(name="fake-0", node_delay=0.3) as fake:
+        job = await _claimed_by_a_dead_worker(store)
+        async with ComfyClient(fake.url) as client:
+            await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
+            async with _running_worker(store, fake):
+                await _until_attempted(store, job.id)  # followed by the heir
+                assert job.planned_prompt_id is not None
+                await client.cancel(job.planned_prompt_id)
+                done = await _until_final(store, job.id)
+        assert done.state is JobState.SUCCEEDED, done.error
+        attempts = await store.list_attempts(job.id)
+        assert [(a.prompt_id == job.planned_prompt_id, a.state) for a in attempts] == [
+            (True, AttemptState.LOST), (False, AttemptState.SUCCEEDED)]
+
+
+async def test_a_worker_that_lost_its_lease_to_another_leaves_the_job_alone(tmp_path: Path) -> None:
+    """The lease ran out while the worker was stalled and another worker took the job: the first
+    stops its prompt but records nothing (before, it failed a job that was no longer its own)."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
+            FakeComfyUI(name="fake-0", node_delay=0.5) as fake:
+        await store.create_job("acme", "graph", _GRAPH)
+        job = await store.claim_next("w", lease_s=0.3)
+        assert job is not None
+        config = BackendConfig("gpu-0", fake.url)
+        async with Pool([config]) as pool:
+            worker = Worker(store, pool, BackendClients([config]), {}, Notifier(), worker_id="w", lease_s=0.3)
+            processing = asyncio.create_task(worker.process(job))
+            await _until_attempted(store, job.id)
+            assert await store.take_over(job.id, "heir", lease_s=60)  # as a reclaim does
+            await asyncio.wait_for(processing, 10)
+        now = await store.get_job("acme", job.id)
+        assert now is not None
+        assert (now.state, now.lease_owner, now.error) == (JobState.RUNNING, "heir", None)
+        assert not _successes(fake)  # its prompt was taken off

@@ -273,9 +273,16 @@ async def test_an_expired_lease_makes_the_job_claimable_again(clocked_store: Job
     assert (await store.list_attempts(job.id)) == [attempt]
     [event] = [e for e in await store.events_since("acme", 0) if e.data.get("reclaimed")]
     assert event.type == EventType.RUNNING
-    # w1 never recorded an attempt under its plan: the event names it, the new claim plans anew
-    assert event.data == {"reclaimed": True, "abandoned_prompt_id": first.planned_prompt_id}
-    assert reclaimed.planned_prompt_id not in (None, first.planned_prompt_id)
+    assert event.data == {"reclaimed": True}
+    # w1 recorded no attempt under its plan, which it may have submitted: the new holder gets the
+    # plan with the open attempt, to reconcile both; a claim from the queue would plan anew
+    assert reclaimed.reclaimed
+    assert not first.reclaimed
+    assert first.planned_prompt_id is not None
+    assert reclaimed.planned_prompt_id == first.planned_prompt_id
+    stored = await store.get_job("acme", job.id)
+    assert stored is not None
+    assert not stored.reclaimed  # the claim's word, not stored
 
 
 async def test_release_requeues_and_ends_the_open_attempt(store: JobStore) -> None:
