@@ -13,7 +13,8 @@ trivial graph (EmptyImage 8×8 → SaveImage, a new colour each time so no cache
   ``--jobs`` jobs (2000), after a warm-up. Target ≥ 300 jobs/s.
 * ``latency``: the same graph one at a time, alternating between ``ComfyClient.run`` + ``download``
   straight against a double (the baseline) and the service path above; p50/p99 of each and of the
-  difference. Target < 5 ms added at p50.
+  difference, and the service's CPU time per job meanwhile (all of it on the job's path). Target
+  < 5 ms added at p50.
 * ``rss``: the service's VmRSS after the warm-up and after the measured jobs. Target < 50 MB growth.
 
 Each measurement runs once per ``--processes`` value (``[server] processes``: service processes on one
@@ -431,7 +432,12 @@ async def measure_one(args: argparse.Namespace, processes: int, *, jobs: int, pa
         load["drivers"] = max(1, args.drivers)
         load["driver_cpu_busy"] = round(driver / load["measured_s"], 3)  # summed over the drivers
         load["doubles_cpu_busy"] = round(doubled / load["measured_s"], 3)
+        cpu_before_latency = cpu_s(proc.pid)
         lat = await latency(path, urls[0], pairs, warmup=10)
+        # one job at a time: all of the service's work is on the job's path, so this tracks the
+        # latency it adds more steadily than wall-clock time on a busy machine (it includes the
+        # service's idle ticks while each direct call runs)
+        lat["service_cpu_ms_per_job"] = round((cpu_s(proc.pid) - cpu_before_latency) / (pairs + 10) * 1000, 3)
         rss_end = rss_mb(proc.pid)
     rss = {"at_ready_mb": round(rss_start, 1), "before_mb": round(rss_before, 1), "after_mb": round(rss_after, 1),
            "growth_mb": round(rss_after - rss_before, 1), "after_latency_run_mb": round(rss_end, 1),
