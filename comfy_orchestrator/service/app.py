@@ -178,7 +178,8 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
         stack.push_async_callback(app[PIPELINES].evaluators.close)
         workers = [
             Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-{n}",
-                   lease_s=settings.server.lease_s, pipelines=app[PIPELINES], inputs=app[inputs.INPUTS])
+                   lease_s=settings.server.lease_s, pipelines=app[PIPELINES], inputs=app[inputs.INPUTS],
+                   adopted=lifecycle.adopted)
             for n in range(n_workers)
         ]
         adopter = Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-adopt",

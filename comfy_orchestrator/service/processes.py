@@ -16,10 +16,11 @@ One event loop answers a few hundred jobs a second; past that the service needs 
   in-flight gauges are summed over the children, the store's gauges are the latest reading, so any
   of them answers ``/metrics`` for all;
 * a child that dies is started again (jittered backoff from 1 s to 30 s); its jobs are taken over by the
-  others once their leases run out, each reconciled with the backends first (its prompt followed or
-  collected, not run again). SIGTERM or SIGINT drains every child (``/readyz`` 503, running
-  jobs finished or handed back) and waits for them. The children run as ``ChildProcess``es, each in
-  a session of its own: a Ctrl-C reaches the supervisor alone, which passes it on as SIGTERM.
+  others once their leases run out, each reconciled with the backends first (a prompt still running is
+  followed and a finished one collected, rather than run again). SIGTERM or SIGINT drains every
+  child (``/readyz`` 503, running jobs finished or handed back) and waits for them. The children
+  run as ``ChildProcess``es, each in a session of its own: a Ctrl-C reaches the supervisor alone,
+  which passes it on as SIGTERM.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ records how it ended.
 
 While a job runs its lease is renewed every third of ``lease_s``; a renewal that fails (the job was
 cancelled, possibly by another process, or its lease ran out and another worker took it over) stops
-the work on the pool, and this worker records nothing more of the job. On shutdown a worker stops
+the work on the pool, and this worker does not fail the job (it checks the lease again before it
+would). Leases are checked at renewals: a worker that stalled past its lease may still append an
+event or an attempt before it notices; the job still ends once. On shutdown a worker stops
 claiming; a job still running when the drain timeout ends is cancelled on its backend and released
 back to the queue, its attempt ``abandoned``.
 
@@ -90,10 +92,12 @@ class Worker:
         lease_s: float,
         pipelines: PipelineJobs | None = None,
         inputs: InputStore | None = None,
+        adopted: dict[str, asyncio.Task[None]] | None = None,
     ) -> None:
         self.store, self.pool, self.clients = store, pool, clients
         self.templates, self.notifier = templates, notifier
         self.pipelines, self.inputs = pipelines, inputs
+        self.adopted = adopted  # job id -> the task following its prompt, for a tenant's cancel to stop
         self.worker_id = worker_id
         self.lease_s = lease_s
 
@@ -118,7 +122,8 @@ class Worker:
                 try:
                     await self.process(job)
                 except asyncio.CancelledError:
-                    await asyncio.shield(self._release(job))
+                    if not job.reclaimed:  # adopt releases its own; one cut short while being
+                        await asyncio.shield(self._release(job))  # reconciled waits for its lease to run out
                     raise
                 except Exception as exc:  # a bug, not the job's fault: keep the worker, end the job visibly
                     log.exception("job %s: worker %s failed on it", job.id, self.worker_id)
@@ -199,7 +204,8 @@ class Worker:
         self.notifier.notify()
 
     async def _fail(self, job: JobRecord, error: dict[str, Any], lease: _Lease | None = None) -> None:
-        if lease is not None and lease.lost:  # cancelled (already final), or another worker's job now
+        if lease is not None and (lease.lost or not await self.store.renew_lease(
+                job.id, self.worker_id, lease_s=self.lease_s)):  # cancelled (final), or another worker's now
             log.info("job %s: lost its lease; leaving it as it is (%s)", job.id, error.get("message"))
             return
         if await self.store.fail_job(job.id, error):
@@ -296,13 +302,38 @@ class Worker:
         attempts = await self.store.list_attempts(job.id)
         async with self._leased(job):
             item = await reconcile_job(self.store, job, attempts[-1] if attempts else None, self.clients,
-                                       worker_id=self.worker_id, lease_s=self.lease_s)
+                                       worker_id=self.worker_id, lease_s=self.lease_s, holding=True)
         if item.outcome is Outcome.FOLLOW and item.attempt is not None:
-            await self.adopt(job, item.attempt)
-        elif item.outcome in (Outcome.RESUBMITTED, Outcome.REQUEUED):
+            await self._follow(job, item.attempt)
+            return
+        if item.outcome in (Outcome.RESUBMITTED, Outcome.REQUEUED):
             self.notifier.job_queued()
-        else:
-            self.notifier.notify()
+            return
+        self.notifier.notify()
+        if item.outcome is Outcome.ALREADY_ENDED and item.attempt is not None:  # cancelled meanwhile?
+            now = await self.store.get_job(job.tenant, job.id)
+            client = self.clients.get(item.attempt.backend)
+            if client is not None and now is not None and now.state.final:  # not another worker's now
+                with contextlib.suppress(ComfyOrchestratorError, TimeoutError):
+                    async with asyncio.timeout(5):
+                        await client.cancel(item.attempt.prompt_id)  # prompt-scoped: a no-op once it ended
+
+    async def _follow(self, job: JobRecord, attempt: AttemptRecord) -> None:
+        """``adopt`` in a task of its own, registered in ``adopted`` so that a tenant's cancel stops
+        it at once (``service.jobs.interrupt``) without stopping this worker."""
+        task = asyncio.create_task(self.adopt(job, attempt), name=f"adopt:{job.id}")
+        if self.adopted is not None:
+            adopted = self.adopted
+            adopted[job.id] = task
+            task.add_done_callback(lambda _: adopted.pop(job.id, None))
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait((task,))
+            raise
+        if not task.cancelled():
+            task.result()
 
     def recorder(
         self, job: JobRecord, prefetch: OutputPrefetch | None = None

@@ -153,8 +153,8 @@ class JobStore(Protocol):
         ...
 
     async def take_over(self, job_id: str, worker_id: str, *, lease_s: float) -> bool:
-        """Give a running job's lease to ``worker_id`` whoever held it (start-up reconciliation
-        adopting what the previous process left running). False when the job is not running."""
+        """Give a running job's lease to ``worker_id`` whoever held it (reconciliation adopting a
+        prompt it found running, at start-up or after a reclaim). False when the job is not running."""
         ...
 
     async def release(

@@ -5,7 +5,10 @@ what became of the prompt:
 
     in the backend's queue (pending or running)  → follow: resubscribe to it (lease taken over)
     in the backend's /history, succeeded         → collect its outputs, complete the job
-    in the backend's /history, error/interrupted → fail the job
+    in the backend's /history, error           → fail the job
+    in the backend's /history, interrupted     → resubmit: the job is still running, so not its
+                                                   tenant's cancel (a worker that lost its lease
+                                                   took its prompt off, or someone on ComfyUI)
     unknown (restarted), unreachable, or its
     backend is no longer configured              → resubmit (by default: back in the queue,
                                                    the attempt marked ``lost``)
@@ -75,8 +78,9 @@ class BackendClient(FileSource, Protocol):
     async def cancel(self, prompt_id: str) -> None: ...
 
 
-Resubmit = Callable[[JobRecord, AttemptRecord | None, str], Awaitable[None]]
-"""Called with the job, its lost attempt and why; puts the job back in line (see ``requeue_lost``)."""
+Resubmit = Callable[[JobRecord, AttemptRecord | None, str], Awaitable[bool | None]]
+"""Called with the job, its lost attempt and why; puts the job back in line (see ``requeue_lost``).
+False: it changed nothing (the job ended, or another worker holds it now)."""
 
 
 class Outcome(enum.StrEnum):
@@ -84,7 +88,7 @@ class Outcome(enum.StrEnum):
 
     FOLLOW = "follow"  # still queued or running on its backend: resubscribe (the lease is ours now)
     COMPLETED = "completed"  # it had finished: outputs collected, job succeeded
-    FAILED = "failed"  # it had ended with an error or was interrupted: job failed
+    FAILED = "failed"  # it had ended with an error: job failed
     RESUBMITTED = "resubmitted"  # unknown to its backend (or the backend is gone): handed to ``resubmit``
     REQUEUED = "requeued"  # no prompt was in flight: back in the queue
     ALREADY_ENDED = "already_ended"  # the job ended meanwhile (another worker finished it): nothing changed
@@ -116,14 +120,16 @@ class ReconcileReport:
         return {outcome.value: len(self.of(outcome)) for outcome in Outcome if self.of(outcome)}
 
 
-def requeue_lost(store: JobStore) -> Resubmit:
-    """The default ``resubmit``: the job goes back to the queue and its attempt is marked lost."""
+def requeue_lost(store: JobStore, *, worker_id: str | None = None) -> Resubmit:
+    """The default ``resubmit``: the job goes back to the queue and its attempt is marked lost
+    (only while ``worker_id`` holds it, when given)."""
 
-    async def resubmit(job: JobRecord, attempt: AttemptRecord | None, reason: str) -> None:
+    async def resubmit(job: JobRecord, attempt: AttemptRecord | None, reason: str) -> bool:
         error = {"type": "PromptLost", "message": reason}
         if attempt is not None:
             error.update(backend=attempt.backend, prompt_id=attempt.prompt_id)
-        await store.release(job.id, attempt_state=AttemptState.LOST, error=error, reason=f"resubmitted: {reason}")
+        return await store.release(job.id, worker_id=worker_id, attempt_state=AttemptState.LOST, error=error,
+                                   reason=f"resubmitted: {reason}")
 
     return resubmit
 
@@ -161,11 +167,15 @@ async def reconcile_job(
     worker_id: str = "reconciler",
     lease_s: float = 60.0,
     queues: dict[str, QueueState | BackendError | ComfyTimeout] | None = None,
+    holding: bool = False,
 ) -> Reconciled:
     """Settle one running job with its latest attempt (also what a worker does with a job it
     reclaimed after a lease ran out). ``queues`` caches each backend's /queue across calls, or the
-    error it gave: a dead backend is asked once, not once per job it had."""
-    resubmit = resubmit or requeue_lost(store)
+    error it gave: a dead backend is asked once, not once per job it had. ``holding``: ``worker_id``
+    already holds the job's lease (a reclaim), and nothing is changed once it no longer does (it
+    stalled past the lease and another worker took the job over)."""
+    holder = worker_id if holding else None
+    resubmit = resubmit or requeue_lost(store, worker_id=holder)
     queues = {} if queues is None else queues
     entry: HistoryEntry | None = None  # the planned prompt's, when that is where it was found
     if job.planned_prompt_id is not None and job.kind is not JobKind.PIPELINE:
@@ -176,39 +186,38 @@ async def reconcile_job(
         gone = attempt is None or not _in_flight(attempt)
         if planned is None and silent and gone:  # it may be on a backend that did not answer
             reason = f"planned prompt {job.planned_prompt_id} not found; {', '.join(silent)} did not answer"
-            await resubmit(job, None, reason)
-            return _done(job, None, Outcome.RESUBMITTED, reason)
+            return _done(job, None, _resubmitted(await resubmit(job, None, reason)), reason)
         attempt = planned or attempt
     if attempt is None or not _in_flight(attempt):
-        released = await store.release(job.id, reason="no prompt in flight")
+        released = await store.release(job.id, worker_id=holder, reason="no prompt in flight")
         return _done(job, attempt, Outcome.REQUEUED if released else Outcome.ALREADY_ENDED, "no prompt in flight")
     client = clients.get(attempt.backend)
     if job.kind is JobKind.PIPELINE:
-        return await _requeue_pipeline(store, job, attempt, client)
+        return await _requeue_pipeline(store, job, attempt, client, holder)
     if client is None:
         reason = f"backend {attempt.backend} is not configured"
-        await resubmit(job, attempt, reason)
-        return _done(job, attempt, Outcome.RESUBMITTED, reason)
+        return _done(job, attempt, _resubmitted(await resubmit(job, attempt, reason)), reason)
     try:
         queue = await _queue(attempt.backend, client, queues)
         if isinstance(queue, BackendError | ComfyTimeout):
             reason = f"backend {attempt.backend} unreachable: {queue}"
-            await resubmit(job, attempt, reason)
-            return _done(job, attempt, Outcome.RESUBMITTED, reason)
+            return _done(job, attempt, _resubmitted(await resubmit(job, attempt, reason)), reason)
         if attempt.prompt_id in queue:
-            taken = await store.take_over(job.id, worker_id, lease_s=lease_s)
+            keep = store.renew_lease if holding else store.take_over
+            taken = await keep(job.id, worker_id, lease_s=lease_s)
             return _done(job, attempt, Outcome.FOLLOW if taken else Outcome.ALREADY_ENDED, "in the backend's queue")
         entry = entry or await client.history(attempt.prompt_id)
         if entry is None:
             reason = f"prompt {attempt.prompt_id} is unknown to {attempt.backend}"
+        elif entry.interrupted is not None:
+            reason = f"prompt {attempt.prompt_id} was interrupted on {attempt.backend}, not by its tenant"
         else:
             return await _settle(store, job, attempt, client, entry, worker_id, lease_s)
     except JobNotRunning:  # cancelled or finished by someone else while we collected
         return _done(job, attempt, Outcome.ALREADY_ENDED, "ended while being reconciled")
     except (BackendError, ComfyTimeout) as exc:
         reason = f"backend {attempt.backend} unreachable: {exc}"
-    await resubmit(job, attempt, reason)
-    return _done(job, attempt, Outcome.RESUBMITTED, reason)
+    return _done(job, attempt, _resubmitted(await resubmit(job, attempt, reason)), reason)
 
 
 async def _queue(
@@ -253,6 +262,10 @@ async def _find_planned(
     return None, None, silent
 
 
+def _resubmitted(changed: bool | None) -> Outcome:
+    return Outcome.ALREADY_ENDED if changed is False else Outcome.RESUBMITTED
+
+
 def _in_flight(attempt: AttemptRecord) -> bool:
     """Whether ``attempt`` may still have its prompt on its backend (or its outputs to collect)."""
     return attempt.state in (AttemptState.RUNNING, AttemptState.SUCCEEDED)
@@ -280,7 +293,7 @@ async def _settle(
 
 
 async def _requeue_pipeline(
-    store: JobStore, job: JobRecord, attempt: AttemptRecord, client: BackendClient | None
+    store: JobStore, job: JobRecord, attempt: AttemptRecord, client: BackendClient | None, holder: str | None
 ) -> Reconciled:
     """A pipeline's prompt is one of many, and its result would not reach the pipeline's cache: take
     it off its backend (harmless when it already ended) and run the pipeline again from the top."""
@@ -289,7 +302,7 @@ async def _requeue_pipeline(
             await client.cancel(attempt.prompt_id)
         except (BackendError, ComfyTimeout) as exc:
             log.info("job %s: could not take prompt %s off %s: %s", job.id, attempt.prompt_id, attempt.backend, exc)
-    released = await store.release(job.id, reason="restarted: the pipeline resumes from its cache")
+    released = await store.release(job.id, worker_id=holder, reason="restarted: the pipeline resumes from its cache")
     return _done(job, attempt, Outcome.REQUEUED if released else Outcome.ALREADY_ENDED, "a pipeline job")
 
 
@@ -322,9 +335,6 @@ def _history_error(entry: HistoryEntry) -> dict[str, Any] | None:
         return {"type": "ExecutionFailed", "message": f"node {e.node_id} ({e.node_type}) raised {e.exception_type}: "
                 f"{e.exception_message.strip()}", "node_id": e.node_id, "node_type": e.node_type,
                 "exception_type": e.exception_type, "prompt_id": entry.prompt_id}
-    if entry.interrupted is not None:
-        return {"type": "JobCancelled", "message": f"prompt {entry.prompt_id} was interrupted on its backend",
-                "prompt_id": entry.prompt_id}
     if entry.status != "success":
         return {"type": "ExecutionFailed", "message": f"prompt {entry.prompt_id} ended with status {entry.status!r}",
                 "prompt_id": entry.prompt_id}

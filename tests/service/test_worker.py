@@ -109,12 +109,13 @@ async def _until_attempted(store: SQLiteJobStore, job_id: str) -> None:
 
 
 @asynccontextmanager
-async def _running_worker(store: SQLiteJobStore, fake: FakeComfyUI) -> AsyncIterator[None]:
+async def _running_worker(store: SQLiteJobStore, fake: FakeComfyUI,
+                          adopted: dict[str, asyncio.Task[None]] | None = None) -> AsyncIterator[None]:
     """A worker over ``fake`` (backend ``gpu-0``) claiming from ``store`` while the block runs."""
     config = BackendConfig("gpu-0", fake.url)
     clients = BackendClients([config])
     async with Pool([config]) as pool:
-        worker = Worker(store, pool, clients, {}, Notifier(), worker_id="heir", lease_s=30)
+        worker = Worker(store, pool, clients, {}, Notifier(), worker_id="heir", lease_s=30, adopted=adopted)
         stopping = asyncio.Event()
         task = asyncio.create_task(worker.run(stopping))
         try:
@@ -143,7 +144,7 @@ async def test_a_reclaimed_job_follows_the_prompt_its_dead_holder_submitted_unde
     """The dead worker submitted its planned prompt and died before recording it: the worker that
     takes the job over finds that prompt on the backend and follows it instead of running it again."""
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
-            FakeComfyUI(name="fake-0", node_delay=0.3) as fake:
+            FakeComfyUI(name="fake-0", node_delay=1.0) as fake:  # outlasts the takeover
         job = await _claimed_by_a_dead_worker(store)
         async with ComfyClient(fake.url) as client:
             await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
@@ -193,7 +194,7 @@ async def test_a_followed_prompt_interrupted_by_someone_else_sends_the_job_back_
     worker that took the job over and followed that prompt runs the job again (it was not the
     tenant's cancel) rather than failing it."""
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
-            FakeComfyUI(name="fake-0", node_delay=0.3) as fake:
+            FakeComfyUI(name="fake-0", node_delay=1.0) as fake:  # outlasts the takeover
         job = await _claimed_by_a_dead_worker(store)
         async with ComfyClient(fake.url) as client:
             await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
@@ -227,3 +228,49 @@ async def test_a_worker_that_lost_its_lease_to_another_leaves_the_job_alone(tmp_
         assert now is not None
         assert (now.state, now.lease_owner, now.error) == (JobState.RUNNING, "heir", None)
         assert not _successes(fake)  # its prompt was taken off
+
+
+async def test_a_reclaimed_job_whose_prompt_was_interrupted_runs_again(tmp_path: Path) -> None:
+    """The prompt is in /history as interrupted, and the job is still running (its tenant did not
+    cancel it): it runs again, as when the interruption comes while the prompt is followed."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
+            FakeComfyUI(name="fake-0", node_delay=1.0) as fake:
+        job = await _claimed_by_a_dead_worker(store)
+        assert job.planned_prompt_id is not None
+        async with ComfyClient(fake.url) as client:
+            await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
+            await client.cancel(job.planned_prompt_id)
+        await fake.wait_idle(10)
+        assert job.planned_prompt_id in fake.history
+        async with _running_worker(store, fake):
+            done = await _until_final(store, job.id, timeout=20)
+        assert done.state is JobState.SUCCEEDED, done.error
+        attempts = await store.list_attempts(job.id)
+        assert [(a.prompt_id == job.planned_prompt_id, a.state) for a in attempts] == [
+            (True, AttemptState.LOST), (False, AttemptState.SUCCEEDED)]
+
+
+async def test_a_tenants_cancel_stops_a_prompt_followed_after_a_takeover_at_once(tmp_path: Path) -> None:
+    """The followed prompt is registered where the API's cancel finds it (``interrupt`` cancels the
+    task): the prompt stops within seconds, not at the next lease renewal, and the worker goes on."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
+            FakeComfyUI(name="fake-0", node_delay=1.0) as fake:
+        job = await _claimed_by_a_dead_worker(store)
+        assert job.planned_prompt_id is not None
+        adopted: dict[str, asyncio.Task[None]] = {}
+        async with ComfyClient(fake.url) as client:
+            await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
+        async with _running_worker(store, fake, adopted):
+            await _until_attempted(store, job.id)
+            assert await store.cancel_job("acme", job.id)
+            adopted[job.id].cancel()  # what POST /v1/jobs/{id}/cancel does here
+            await fake.wait_idle(5)
+            assert fake.history[job.planned_prompt_id]["status"]["status_str"] != "success"
+            assert adopted == {}
+            later, _ = await store.create_job("acme", "graph", ops_graph(color=0x010203, width=8, height=8,
+                                                                          scale_by=1.0, blur_radius=1))
+            done = await _until_final(store, later.id)  # the worker lives on
+        assert done.state is JobState.SUCCEEDED, done.error
+        cancelled = await store.get_job("acme", job.id)
+        assert cancelled is not None
+        assert cancelled.state is JobState.CANCELLED

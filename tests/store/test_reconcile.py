@@ -320,3 +320,28 @@ async def test_a_pipeline_job_goes_back_to_the_queue_with_its_prompt_taken_off(
     await until(lambda: server.queue_remaining == 0)  # the old prompt was taken off its backend
     assert attempt.prompt_id not in server.history or \
         server.history[attempt.prompt_id]["status"]["status_str"] != "success"
+
+@pytest.mark.parametrize("wait", ["running", "none", "lost"])
+async def test_a_holder_that_lost_the_job_to_another_changes_nothing(
+    store: JobStore, server: FakeComfyUI, client: ComfyClient, wait: str
+) -> None:
+    """``holding``: a worker reconciling a job it reclaimed stalled past that lease, and another
+    worker took the job over: it neither takes the lease back (a prompt to follow) nor requeues the
+    job (nothing in flight, or a prompt the backend does not know)."""
+    if wait == "running":
+        server.faults.hang = HangMode.MID_RUN
+        job, attempt = await submitted_job(store, server, wait="running")
+    else:
+        job, _ = await store.create_job("acme", "graph", invert_graph())
+        await store.claim_next("old-worker", lease_s=600)
+        attempt = await store.start_attempt(job.id, "gpu-a", "never-submitted")  # the backend does not know it
+        if wait == "none":
+            await store.finish_attempt(job.id, attempt.n, AttemptState.FAILED)  # nothing in flight
+            [attempt] = await store.list_attempts(job.id)
+    assert await store.take_over(job.id, "other", lease_s=600)
+    item = await reconcile_job(store, job, attempt, {"gpu-a": client}, worker_id="stalled", holding=True)
+    server.faults.hang = None
+    assert item.outcome is Outcome.ALREADY_ENDED
+    now = await store.get_job("acme", job.id)
+    assert now is not None
+    assert (now.state, now.lease_owner) == (JobState.RUNNING, "other")
