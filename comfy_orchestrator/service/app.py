@@ -183,7 +183,7 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
             for n in range(n_workers)
         ]
         adopter = Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-adopt",
-                         lease_s=settings.server.lease_s, pipelines=app[PIPELINES])
+                         lease_s=settings.server.lease_s, pipelines=app[PIPELINES], adopted=lifecycle.adopted)
         tasks = await _reconcile(app, adopter) if role is None or role.reconcile else []
         tasks += [asyncio.create_task(w.run(lifecycle.stopping), name=f"worker:{w.worker_id}") for w in workers]
         lifecycle.workers = tasks
@@ -207,16 +207,8 @@ async def _reconcile(app: web.Application, adopter: Worker) -> list[asyncio.Task
     is adopted: ``adopter`` holds its lease and follows it to the end (tasks returned)."""
     store, clients = app[STORE], app[CLIENTS]
     report = await reconcile_running(store, clients, worker_id=adopter.worker_id, lease_s=adopter.lease_s)
-    adopted = app[LIFECYCLE].adopted
-    tasks = []
-    for item in report.follow:
-        if item.attempt is None:  # FOLLOW always names the attempt found in the backend's queue
-            continue
-        job_id = item.job.id
-        task = asyncio.create_task(adopter.adopt(item.job, item.attempt), name=f"adopt:{job_id}")
-        adopted[job_id] = task
-        task.add_done_callback(lambda _, job_id=job_id: adopted.pop(job_id, None))  # type: ignore[misc]
-        tasks.append(task)
+    # FOLLOW always names the attempt found in the backend's queue
+    tasks = [adopter.adoption(item.job, item.attempt) for item in report.follow if item.attempt is not None]
     if report.items:
         log.info("start-up reconciliation: %s", report.counts())
     return tasks

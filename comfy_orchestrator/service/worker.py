@@ -165,7 +165,7 @@ class Worker:
         prefetch = OutputPrefetch(self.store, self.clients, job.id)
         lease = _Lease()
         try:
-            async with self._leased(job) as lease:
+            async with self._leased(job, lease):
                 uploads = await load_uploads(self.inputs, job)  # InputNotFound fails the job
                 result = await self.pool.run(graph, job_id=job.id, labels=job.labels, uploads=uploads,
                                              on_event=self.recorder(job, prefetch), prompt_id=job.planned_prompt_id)
@@ -188,7 +188,7 @@ class Worker:
             return
         lease = _Lease()
         try:
-            async with self._leased(job) as lease:
+            async with self._leased(job, lease):
                 summary, outputs = await self.pipelines.run(job, self.recorder(job), self.notifier.notify)
         except ApiError as exc:
             await self._fail(job, {"type": exc.type, "message": exc.message}, lease)
@@ -213,12 +213,14 @@ class Worker:
         self.notifier.notify()
 
     @contextlib.asynccontextmanager
-    async def _leased(self, job: JobRecord, *, prompt: tuple[ComfyClient, str] | None = None) -> AsyncIterator[_Lease]:
-        """Keep ``job``'s lease renewed while the body runs (see ``_keep_lease``)."""
-        lease = _Lease()
+    async def _leased(
+        self, job: JobRecord, lease: _Lease, *, prompt: tuple[ComfyClient, str] | None = None
+    ) -> AsyncIterator[None]:
+        """Keep ``job``'s lease renewed while the body runs (see ``_keep_lease``); ``lease`` says
+        whether it was lost."""
         keeper = asyncio.create_task(self._keep_lease(job, lease, prompt=prompt), name=f"lease:{job.id}")
         try:
-            yield lease
+            yield
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -264,7 +266,7 @@ class Worker:
         log.info("job %s: following prompt %s left running on %s", job.id, attempt.prompt_id, attempt.backend)
         lease = _Lease()
         try:
-            async with self._leased(job, prompt=(client, attempt.prompt_id)) as lease:
+            async with self._leased(job, lease, prompt=(client, attempt.prompt_id)):
                 result = await client.follow(attempt.prompt_id)
                 outputs = await collect_outputs(self.store, client, job.id, result.outputs)
         except asyncio.CancelledError:
@@ -279,7 +281,7 @@ class Worker:
             self.notifier.job_queued()
             return
         except JobCancelled as exc:
-            if not lease.lost and await self.store.release(
+            if await self.store.release(  # False once this worker no longer holds it (the tenant's cancel too)
                     job.id, worker_id=self.worker_id, attempt_state=AttemptState.LOST, error=error_info(exc),
                     reason=f"resubmitted: its prompt was interrupted on {attempt.backend}, not by its tenant"):
                 self.notifier.job_queued()
@@ -300,7 +302,7 @@ class Worker:
         ended is collected or fails the job, and a job with nothing in flight goes back to the
         queue, to run afresh under a new plan."""
         attempts = await self.store.list_attempts(job.id)
-        async with self._leased(job):
+        async with self._leased(job, _Lease()):
             item = await reconcile_job(self.store, job, attempts[-1] if attempts else None, self.clients,
                                        worker_id=self.worker_id, lease_s=self.lease_s, holding=True)
         if item.outcome is Outcome.FOLLOW and item.attempt is not None:
@@ -318,14 +320,20 @@ class Worker:
                     async with asyncio.timeout(5):
                         await client.cancel(item.attempt.prompt_id)  # prompt-scoped: a no-op once it ended
 
-    async def _follow(self, job: JobRecord, attempt: AttemptRecord) -> None:
-        """``adopt`` in a task of its own, registered in ``adopted`` so that a tenant's cancel stops
-        it at once (``service.jobs.interrupt``) without stopping this worker."""
+    def adoption(self, job: JobRecord, attempt: AttemptRecord) -> asyncio.Task[None]:
+        """``adopt`` in a task of its own, registered in ``adopted`` while it runs, so that a
+        tenant's cancel stops it at once (``service.jobs.interrupt``) and nothing else."""
         task = asyncio.create_task(self.adopt(job, attempt), name=f"adopt:{job.id}")
         if self.adopted is not None:
             adopted = self.adopted
             adopted[job.id] = task
             task.add_done_callback(lambda _: adopted.pop(job.id, None))
+        return task
+
+    async def _follow(self, job: JobRecord, attempt: AttemptRecord) -> None:
+        """``adopt`` a prompt of a job this worker took over, in its own task (``adoption``): a
+        tenant's cancel ends that task, not this worker."""
+        task = self.adoption(job, attempt)
         try:
             await asyncio.wait((task,))
         except asyncio.CancelledError:

@@ -136,6 +136,15 @@ async def _claimed_by_a_dead_worker(store: SQLiteJobStore) -> JobRecord:
     return job
 
 
+async def _submitted_by_a_dead_worker(store: SQLiteJobStore, fake: FakeComfyUI) -> JobRecord:
+    """As ``_claimed_by_a_dead_worker``, which had submitted its planned prompt to ``fake`` and
+    died before recording it."""
+    job = await _claimed_by_a_dead_worker(store)
+    async with ComfyClient(fake.url) as client:
+        await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
+    return job
+
+
 def _successes(fake: FakeComfyUI) -> list[str]:
     return [p for p, e in fake.history.items() if e["status"]["status_str"] == "success"]
 
@@ -145,9 +154,7 @@ async def test_a_reclaimed_job_follows_the_prompt_its_dead_holder_submitted_unde
     takes the job over finds that prompt on the backend and follows it instead of running it again."""
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
             FakeComfyUI(name="fake-0", node_delay=1.0) as fake:  # outlasts the takeover
-        job = await _claimed_by_a_dead_worker(store)
-        async with ComfyClient(fake.url) as client:
-            await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
+        job = await _submitted_by_a_dead_worker(store, fake)
         async with _running_worker(store, fake):
             done = await _until_final(store, job.id)
         assert done.state is JobState.SUCCEEDED, done.error
@@ -195,14 +202,12 @@ async def test_a_followed_prompt_interrupted_by_someone_else_sends_the_job_back_
     tenant's cancel) rather than failing it."""
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
             FakeComfyUI(name="fake-0", node_delay=1.0) as fake:  # outlasts the takeover
-        job = await _claimed_by_a_dead_worker(store)
-        async with ComfyClient(fake.url) as client:
-            await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
-            async with _running_worker(store, fake):
-                await _until_attempted(store, job.id)  # followed by the heir
-                assert job.planned_prompt_id is not None
-                await client.cancel(job.planned_prompt_id)
-                done = await _until_final(store, job.id)
+        job = await _submitted_by_a_dead_worker(store, fake)
+        assert job.planned_prompt_id is not None
+        async with ComfyClient(fake.url) as client, _running_worker(store, fake):
+            await _until_attempted(store, job.id)  # followed by the heir
+            await client.cancel(job.planned_prompt_id)
+            done = await _until_final(store, job.id)
         assert done.state is JobState.SUCCEEDED, done.error
         attempts = await store.list_attempts(job.id)
         assert [(a.prompt_id == job.planned_prompt_id, a.state) for a in attempts] == [
@@ -255,11 +260,9 @@ async def test_a_tenants_cancel_stops_a_prompt_followed_after_a_takeover_at_once
     task): the prompt stops within seconds, not at the next lease renewal, and the worker goes on."""
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store, \
             FakeComfyUI(name="fake-0", node_delay=1.0) as fake:
-        job = await _claimed_by_a_dead_worker(store)
+        job = await _submitted_by_a_dead_worker(store, fake)
         assert job.planned_prompt_id is not None
         adopted: dict[str, asyncio.Task[None]] = {}
-        async with ComfyClient(fake.url) as client:
-            await client.submit(_GRAPH, prompt_id=job.planned_prompt_id)
         async with _running_worker(store, fake, adopted):
             await _until_attempted(store, job.id)
             assert await store.cancel_job("acme", job.id)
