@@ -6,8 +6,9 @@ ComfyUI sends a node's ``executed`` message once the node has written its files;
 ``output`` event), so the download and the store's fsyncs overlap that wait. ``collect`` then takes
 the confirmed outputs as the truth: each file staged early under the same attempt is used, anything
 else is downloaded then, and what was staged but not confirmed (another attempt's, or a prompt that
-failed after all) is never recorded: ``stage_output`` names nothing until ``complete_job``. An
-attempt the pool gave up on (``retried``) has its staging stopped at once (``drop``).
+failed after all) is never recorded: ``stage_output`` names nothing until ``complete_job``, and
+``close`` discards it. An attempt the pool gave up on (``retried``) has its staging stopped at once
+(``drop``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from comfy_orchestrator.errors import ComfyOrchestratorError
 from comfy_orchestrator.pool import PoolEvent
 from comfy_orchestrator.protocol import FileRef, NodeOutput
-from comfy_orchestrator.store import FileSource, JobStore, OutputRecord, output_files, stage_file
+from comfy_orchestrator.store import FileSource, JobStore, OutputRecord, discard_outputs, output_files, stage_file
 
 __all__ = ["OutputPrefetch"]
 
@@ -61,24 +62,30 @@ class OutputPrefetch:
     async def collect(self, backend: str, attempt: int, outputs: Mapping[str, NodeOutput]) -> list[OutputRecord]:
         """The staged records of ``outputs`` (a finished prompt's, attempt ``attempt`` on ``backend``):
         those staged early, the rest (or any whose early staging failed) staged now."""
-        saved = []
-        for node_id, ref in output_files(outputs):
-            early = self._staging.pop((attempt, node_id, ref), None)
-            if early is not None:
-                try:
-                    saved.append(await early)
-                    continue
-                except (ComfyOrchestratorError, OSError) as exc:
-                    log.info("job %s: output %s/%s staged early failed (%s); fetching it again",
-                             self._job_id, node_id, ref.filename, exc)
-            saved.append(await stage_file(self._store, self._clients[backend], self._job_id, node_id, ref))
+        saved: list[OutputRecord] = []
+        try:
+            for node_id, ref in output_files(outputs):
+                early = self._staging.pop((attempt, node_id, ref), None)
+                if early is not None:
+                    try:
+                        saved.append(await early)
+                        continue
+                    except (ComfyOrchestratorError, OSError) as exc:
+                        log.info("job %s: output %s/%s staged early failed (%s); fetching it again",
+                                 self._job_id, node_id, ref.filename, exc)
+                saved.append(await stage_file(self._store, self._clients[backend], self._job_id, node_id, ref))
+        except BaseException:
+            await discard_outputs(self._store, saved)
+            raise
         return saved
 
     async def close(self) -> None:
-        """Stop the staging nobody collected (a failed or cancelled job, another attempt's files)."""
+        """Stop the staging nobody collected (a failed or cancelled job, another attempt's files)
+        and discard what it had staged."""
         pending = [*self._staging.values(), *self._dropped]
         self._staging.clear()
         self._dropped.clear()
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        done = await asyncio.gather(*pending, return_exceptions=True)
+        await discard_outputs(self._store, [r for r in done if isinstance(r, OutputRecord)])

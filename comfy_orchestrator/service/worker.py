@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from comfy_orchestrator.client import ComfyClient
@@ -57,6 +57,7 @@ from comfy_orchestrator.store import (
     JobRecord,
     JobStore,
     Outcome,
+    OutputRecord,
     collect_outputs,
     error_info,
     reconcile_job,
@@ -178,7 +179,7 @@ class Worker:
         summary = {"backend": result.backend, "prompt_id": result.result.prompt_id,
                    "outputs": [o.name for o in outputs], "attempts": len(result.attempts),
                    "execution_s": result.result.timings.execution_s}
-        if await self.store.complete_job(job.id, summary, outputs):
+        if await self._complete(job, summary, outputs, lease):
             log.info("job %s: succeeded on %s with %d outputs", job.id, result.backend, len(outputs))
         self.notifier.notify()
 
@@ -199,9 +200,19 @@ class Worker:
         except (ComfyOrchestratorError, OSError) as exc:
             await self._fail(job, error_info(exc), lease)
             return
-        if await self.store.complete_job(job.id, summary, outputs):
+        if await self._complete(job, summary, outputs, lease):
             log.info("job %s: pipeline %s finished with %d outputs", job.id, summary["pipeline"], len(outputs))
         self.notifier.notify()
+
+    async def _complete(self, job: JobRecord, summary: dict[str, Any], outputs: Sequence[OutputRecord],
+                        lease: _Lease) -> bool:
+        """``complete_job``; a disk that refuses to move the outputs to their addresses fails the
+        job instead, as a failed download does."""
+        try:
+            return await self.store.complete_job(job.id, summary, outputs)
+        except OSError as exc:
+            await self._fail(job, error_info(exc), lease)
+            return False
 
     async def _fail(self, job: JobRecord, error: dict[str, Any], lease: _Lease | None = None) -> None:
         if lease is not None and (lease.lost or not await self.store.renew_lease(
@@ -291,7 +302,7 @@ class Worker:
             return
         summary = {"backend": attempt.backend, "prompt_id": result.prompt_id, "outputs": [o.name for o in outputs],
                    "attempts": attempt.n, "adopted": True}
-        if await self.store.complete_job(job.id, summary, outputs):
+        if await self._complete(job, summary, outputs, lease):
             log.info("job %s: adopted prompt %s succeeded on %s", job.id, result.prompt_id, attempt.backend)
         self.notifier.notify()
 

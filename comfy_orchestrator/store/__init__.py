@@ -8,6 +8,7 @@
     reconcile_running      start-up reconciliation of running jobs with their backends
     reconcile_job, ReconcileReport, Reconciled, Outcome, requeue_lost
     collect_outputs, stage_file, output_files   a finished prompt's output files into the store
+    discard_outputs        staged outputs nothing will name, dropped
     body_hash, error_info  the canonical request hash idempotency compares; an exception as JSON
     StoreError             root of the store's errors (IdempotencyConflict, QueueFull, JobNotFound…)
 """
@@ -33,6 +34,7 @@ from comfy_orchestrator.store.reconcile import (
     ReconcileReport,
     Resubmit,
     collect_outputs,
+    discard_outputs,
     output_files,
     reconcile_job,
     reconcile_running,
@@ -88,6 +90,7 @@ __all__ = [
     "StoreError",
     "body_hash",
     "collect_outputs",
+    "discard_outputs",
     "error_info",
     "is_sha256",
     "output_files",

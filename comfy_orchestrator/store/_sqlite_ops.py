@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from comfy_orchestrator.store._codec import datetime_us, decode_cursor, dumps, from_us, loads
@@ -192,12 +192,15 @@ def finish(
     error: Mapping[str, Any] | None,
     now: int,
     outputs: Sequence[OutputRecord] = (),
+    settle: Callable[[Sequence[OutputRecord]], None] | None = None,
 ) -> bool:
-    """Move a job to a final state once, naming its ``outputs`` (blobs already stored); False
-    (nothing changed) when it already was in one."""
+    """Move a job to a final state once, naming its ``outputs`` (``settle``d first: their bytes
+    moved to their addresses); False (nothing changed) when it already was in one."""
     row = job_row(db, job_id, tenant)
     if JobState(row["state"]).final:
         return False
+    if outputs and settle is not None:
+        settle(outputs)
     for output in outputs:
         upsert_output(db, output)
     end_attempts(db, job_id, attempt_state, error, now)
@@ -299,11 +302,15 @@ def end_attempt(
     return cursor.rowcount == 1
 
 
-def record_output(db: sqlite3.Connection, output: OutputRecord) -> None:
-    """Name a stored blob as its job's output (replacing one of that name) while the job runs."""
+def record_output(
+    db: sqlite3.Connection, output: OutputRecord, settle: Callable[[Sequence[OutputRecord]], None]
+) -> None:
+    """Name a staged blob as its job's output (replacing one of that name) while the job runs,
+    ``settle``-ing it first (its bytes moved to their address)."""
     row = job_row(db, output.job_id)
     if JobState(row["state"]).final:
         raise JobNotRunning(output.job_id, row["state"])
+    settle([output])
     upsert_output(db, output)
 
 

@@ -199,7 +199,7 @@ class JobStore(Protocol):
         """Mark the job succeeded with ``result`` and record ``outputs`` under their names in the
         same transaction (from ``stage_output``, or ``save_output`` again); its open attempt ends
         ``succeeded`` and the event names the outputs. False, changing nothing, when the job had
-        already ended."""
+        already ended (the staged outputs are then discarded)."""
         ...
 
     async def fail_job(self, job_id: str, error: Mapping[str, Any]) -> bool:
@@ -233,8 +233,17 @@ class JobStore(Protocol):
         data: bytes | AsyncIterable[bytes],
         content_type: str = "application/octet-stream",
     ) -> OutputRecord:
-        """Store a file's bytes (streamed, content-addressed) for ``complete_job`` to name: nothing
-        about the job is recorded until then, so a job that ends otherwise shows no such output."""
+        """Store a file's bytes (streamed, durably) for ``complete_job`` to name: nothing about the
+        job is recorded until then, so a job that ends otherwise shows no such output, and the bytes
+        reach their content address only in the transaction that names them. Pass a record no one
+        will name to ``discard_output``; what a process held staged when it ended is removed by the
+        next one."""
+        ...
+
+    async def discard_output(self, output: OutputRecord) -> None:
+        """Drop the bytes of a staged output that nothing will name (its job ended otherwise, its
+        attempt was given up on); nothing for one already named. ``complete_job`` does this itself
+        for the outputs of a job that had already ended."""
         ...
 
     async def upsert_step(

@@ -1,27 +1,43 @@
 """Content-addressed files on disk: ``<root>/<sha256[:2]>/<sha256>``, each content stored once.
 
-A file is streamed to a temporary name under ``<root>/.tmp`` while its hash is computed, flushed to
-disk, then renamed to its address (or dropped, when that content is already there; content that
-fits in one chunk and is already there is never written). A reader
-never sees a partial file, and memory stays at one chunk whatever the size. Blocking file calls run
-in a worker thread. Any store implementation can keep its outputs here; the database only holds
-the addresses.
+A file is streamed to a temporary name while its hash is computed, flushed to disk, then renamed to
+its address (or dropped, when that content is already there; content that fits in one chunk and is
+already there is never written). A reader never sees a partial file, and memory stays at one chunk
+whatever the size. Blocking file calls run in a worker thread. Any store implementation can keep
+its outputs here; the database only holds the addresses.
+
+``put`` does all of that at once. ``stage`` stops before the rename: the bytes are durable under
+their temporary name, and ``settle`` (inside the transaction that names them) or ``discard`` (nothing
+will) finishes. So bytes reach an address only while a transaction names them (one rolled back
+after that leaves them there, unnamed): content whose job ended otherwise never does, where, shared
+by every job that produced it, it could not safely be removed.
+
+Temporary files. Each handle writes its own under ``<root>/.tmp/<owner>/``, and holds an exclusive
+``flock`` on ``<root>/.tmp/<owner>.lock`` while it lives; the kernel drops that lock when the
+process ends, however it ends. A handle making its first temporary file removes the folders of
+owners whose lock is free: what a process that died (mid-write, or holding staged files) left
+behind, never what a live one, in this process or another sharing the folder, is still writing. The
+folder must be on a local file system: over NFS ``flock`` is emulated with per-process locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Blob", "BlobStore", "is_sha256"]
+__all__ = ["Blob", "BlobStore", "is_sha256", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +51,13 @@ def is_sha256(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Blob:
-    """Stored content: its hash, size and where it lies."""
+    """Stored content: its hash, size and its address. A ``stage``d blob may still lie at
+    ``staged`` (None: it is at ``path`` already), until ``settle`` or ``discard``."""
 
     sha256: str
     size: int
     path: Path
+    staged: Path | None = None
 
 
 class BlobStore:
@@ -48,7 +66,8 @@ class BlobStore:
     def __init__(self, root: str | Path, *, chunk_size: int = 1 << 16) -> None:
         self.root = Path(root)
         self.chunk_size = chunk_size
-        self._tmp_ready = False
+        self._owner: _Owner | None = None  # this handle's folder of temporary files, made on first use
+        self._owner_lock = threading.Lock()  # temporary files are made in worker threads
         self._folders: set[Path] = set()  # <root>/<xx> folders known to exist
 
     def path(self, sha256: str) -> Path:
@@ -62,9 +81,42 @@ class BlobStore:
         Chunks are gathered up to ``chunk_size`` before they go to a worker thread, so a small output
         costs one trip (write, fsync, rename, fsync of the folder), and content already stored is
         never written at all."""
+        return await self._write(data, settle=True)
+
+    async def stage(self, data: bytes | AsyncIterable[bytes]) -> Blob:
+        """Write ``data`` as ``put`` does, durably, but leave it under its temporary name (``staged``;
+        None when that content is stored already): ``settle`` moves it to its address, ``discard``
+        drops it."""
+        return await self._write(data, settle=False)
+
+    def settle(self, blobs: Iterable[Blob]) -> None:
+        """Move staged blobs to their addresses, then fsync each folder that changed once (blocking:
+        call it from a thread, such as the one of the transaction that names them). Nothing to do for
+        one that is there already, or settled before."""
+        folders: set[Path] = set()
+        for blob in blobs:
+            if blob.staged is not None and self._move(blob.staged, blob.path, check=True):
+                folders.add(blob.path.parent)
+        for folder in folders:
+            _fsync_folder(folder)
+
+    async def discard(self, blob: Blob) -> None:
+        """Drop a staged blob nobody will name (it may be settled or gone already: then nothing)."""
+        if blob.staged is not None:
+            await asyncio.to_thread(blob.staged.unlink, missing_ok=True)
+
+    def close(self) -> None:
+        """Remove this handle's temporary files and give its folder up (a handle never closed leaves
+        them for the next one to sweep once this process has ended)."""
+        with self._owner_lock:
+            owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.release()
+
+    async def _write(self, data: bytes | AsyncIterable[bytes], *, settle: bool) -> Blob:
         if isinstance(data, bytes | bytearray | memoryview):
             sha, size = hashlib.sha256(data).hexdigest(), len(data)
-            stored = await asyncio.to_thread(self._finish, None, [bytes(data)], sha)
+            staged = await self._finish_whole(None, [bytes(data)], sha, settle)
         else:
             digest, size = hashlib.sha256(), 0
             pending: list[bytes] = []
@@ -87,21 +139,33 @@ class BlobStore:
                             raise
                         pending, buffered = [], 0
                 sha = digest.hexdigest()
-                stored = await asyncio.to_thread(self._finish, tmp, pending, sha)
+                staged = await self._finish_whole(tmp, pending, sha, settle)
             except BaseException:
                 if tmp is not None:
                     await asyncio.to_thread(tmp.discard)
                 raise
-        log.debug("%s blob %s (%d bytes)", "stored" if stored else "deduplicated", sha, size)
-        return Blob(sha, size, self.path(sha))
+        log.debug("blob %s (%d bytes) %s", sha, size, "staged" if staged else "at its address")
+        return Blob(sha, size, self.path(sha), staged)
+
+    async def _finish_whole(self, tmp: _Tmp | None, chunks: list[bytes], sha256: str, settle: bool) -> Path | None:
+        """``_finish`` in a worker thread, which a cancel does not stop: it is waited for, and a file
+        it staged meanwhile is removed (nobody will have its name)."""
+        finishing = asyncio.ensure_future(asyncio.to_thread(self._finish, tmp, chunks, sha256, settle))
+        try:
+            return await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            await asyncio.wait((finishing,))
+            if not finishing.cancelled() and finishing.exception() is None and (left := finishing.result()):
+                await asyncio.to_thread(left.unlink, missing_ok=True)
+            raise
 
     def _new_tmp(self) -> tuple[int, Path]:
-        """A new, empty temporary file (opened for writing) under ``<root>/.tmp``."""
-        tmp_dir = self.root / ".tmp"
-        if not self._tmp_ready:
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-            self._tmp_ready = True
-        path = tmp_dir / f"blob-{secrets.token_hex(8)}"
+        """A new, empty temporary file (opened for writing) in this handle's folder."""
+        with self._owner_lock:
+            if self._owner is None:
+                self._owner = _Owner.claim(self.root / ".tmp")
+            folder = self._owner.folder
+        path = folder / f"blob-{secrets.token_hex(8)}"
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
 
     def _spill(self, tmp: _Tmp | None, chunks: list[bytes]) -> _Tmp:
@@ -116,9 +180,10 @@ class BlobStore:
             raise
         return tmp
 
-    def _finish(self, tmp: _Tmp | None, chunks: list[bytes], sha256: str) -> bool:
-        """The last chunks written, flushed to disk and renamed to the content's address; True when
-        it was stored, False when that content was already there.
+    def _finish(self, tmp: _Tmp | None, chunks: list[bytes], sha256: str, settle: bool) -> Path | None:
+        """The last chunks written and flushed to disk; with ``settle`` renamed to the content's
+        address too. The temporary file left for the caller to settle, or None (settled, or that
+        content was already there).
 
         Few system calls on purpose: each one lets the event loop's thread take the GIL back, and
         this thread then waits for it."""
@@ -128,43 +193,48 @@ class BlobStore:
                 tmp.fh.writelines(chunks)
                 _flush(tmp.fh)
                 tmp.fh.close()
-                return self._settle(tmp.path, target, check=True)
+                path = tmp.path
             except BaseException:
                 tmp.discard()
                 raise
-        if os.path.isfile(target):  # already stored: nothing to write
-            return False
-        fd, path = self._new_tmp()
-        try:
+        else:
+            if os.path.isfile(target):  # already stored: nothing to write
+                return None
+            fd, path = self._new_tmp()
             try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return self._settle(path, target, check=False)
+                try:
+                    for chunk in chunks:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        if not settle:
+            return path
+        try:
+            if self._move(path, target, check=tmp is not None):
+                _fsync_folder(target.parent)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        return None
 
-    def _settle(self, tmp: Path, target: Path, *, check: bool) -> bool:
+    def _move(self, tmp: Path, target: Path, *, check: bool) -> bool:
         """Move ``tmp`` to ``target`` unless that content is already there (looked for when
-        ``check``); True when it moved. The folder is fsynced, so the rename survives a power loss."""
+        ``check``); True when it moved. Fsync the folder afterwards, so the rename survives a power
+        loss."""
         if check and target.is_file():
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
             return False
         folder = target.parent
         if folder not in self._folders:
             folder.mkdir(parents=True, exist_ok=True)
             self._folders.add(folder)  # at most 256 of them
         os.replace(tmp, target)  # atomic; a concurrent writer of the same content wrote the same bytes
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
         return True
 
     async def read(self, sha256: str, *, chunk_size: int | None = None) -> AsyncIterator[bytes]:
@@ -186,6 +256,82 @@ class BlobStore:
 
     async def exists(self, sha256: str) -> bool:
         return await asyncio.to_thread(self.path(sha256).is_file)
+
+
+class _Owner:
+    """A handle's folder of temporary files, ``<tmp>/<id>/``, and the ``flock``ed ``<tmp>/<id>.lock``
+    that says it is alive."""
+
+    def __init__(self, folder: Path, lock_fd: int) -> None:
+        self.folder, self._lock_fd = folder, lock_fd
+
+    @classmethod
+    def claim(cls, tmp: Path) -> _Owner:
+        """A new folder under ``tmp``, after sweeping the folders whose owner has ended."""
+        tmp.mkdir(parents=True, exist_ok=True)
+        sweep(tmp)
+        while True:
+            name = secrets.token_hex(8)
+            lock = tmp / f"{name}.lock"
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_ino == os.stat(lock).st_ino:  # not swept between open and flock
+                    (tmp / name).mkdir()
+                    return cls(tmp / name, fd)
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def release(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.folder.exists():  # else the lock stays, and the next sweep finishes the job
+            self.folder.with_suffix(".lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+
+_OLD_LAYOUT_S = 86400.0  # loose .tmp/blob-* files of versions before owner folders: removed at this age
+
+
+def sweep(tmp: Path) -> int:
+    """Remove the folders under ``tmp`` whose owner's lock is free (the process that held it ended),
+    and those with no lock at all (an owner locks before it makes its folder, and unlocks after it
+    removed it); how many. A live owner's folder, in this process or another, is never touched.
+    The folder must be on a local file system: ``flock`` is emulated, per process, over NFS."""
+    swept = 0
+    for entry in tmp.iterdir():
+        try:
+            if entry.suffix == ".lock":
+                swept += _sweep_owner(entry)
+            elif entry.is_dir() and not entry.with_suffix(".lock").exists():
+                shutil.rmtree(entry)
+                swept += 1
+            elif entry.name.startswith("blob-") and time.time() - entry.stat().st_mtime > _OLD_LAYOUT_S:
+                entry.unlink()
+        except OSError as exc:  # gone meanwhile, or not ours to remove: the next sweep tries again
+            log.debug("%s: not swept: %s", entry, exc)
+    if swept:
+        log.info("%s: removed the temporary files of %d ended owner(s)", tmp, swept)
+    return swept
+
+
+def _sweep_owner(lock: Path) -> int:
+    fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # alive
+        shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+        if lock.with_suffix("").exists():
+            return 0  # partly removed: the lock stays for the next sweep
+        lock.unlink(missing_ok=True)
+        return 1
+    finally:
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -213,6 +359,14 @@ def _open_and_read(path: Path, size: int) -> tuple[BinaryIO | None, bytes]:
         fh.close()
         return None, first
     return fh, first
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _flush(fh: BinaryIO) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import logging
 import mimetypes
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +52,7 @@ __all__ = [
     "Reconciled",
     "Resubmit",
     "collect_outputs",
+    "discard_outputs",
     "output_files",
     "reconcile_job",
     "reconcile_running",
@@ -310,8 +311,26 @@ async def collect_outputs(
     store: JobStore, client: FileSource, job_id: str, outputs: Mapping[str, NodeOutput]
 ) -> list[OutputRecord]:
     """Stream each output file of a finished prompt (its history entry's or ``RunResult``'s
-    ``outputs``) from the backend into the store (``stage_file``), for ``complete_job`` to record."""
-    return [await stage_file(store, client, job_id, node_id, ref) for node_id, ref in output_files(outputs)]
+    ``outputs``) from the backend into the store (``stage_file``), for ``complete_job`` to record.
+    When one fails, those staged before it are discarded."""
+    saved: list[OutputRecord] = []
+    try:
+        for node_id, ref in output_files(outputs):
+            saved.append(await stage_file(store, client, job_id, node_id, ref))
+    except BaseException:
+        await discard_outputs(store, saved)
+        raise
+    return saved
+
+
+async def discard_outputs(store: JobStore, outputs: Iterable[OutputRecord]) -> None:
+    """``discard_output`` each of ``outputs``; one the disk refuses is logged and left for the next
+    process's sweep."""
+    for output in outputs:
+        try:
+            await store.discard_output(output)
+        except OSError as exc:
+            log.warning("job %s: could not discard staged output %s: %s", output.job_id, output.name, exc)
 
 
 def output_files(outputs: Mapping[str, NodeOutput]) -> Iterator[tuple[str, FileRef]]:

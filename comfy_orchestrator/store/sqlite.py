@@ -24,6 +24,7 @@ sequence numbers are handed out in commit order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import sqlite3
@@ -38,7 +39,7 @@ from comfy_orchestrator.store import _sqlite_ops as ops
 from comfy_orchestrator.store import _sqlite_rows as rows
 from comfy_orchestrator.store._codec import body_hash, dumps, encode_cursor, from_us, loads, to_us
 from comfy_orchestrator.store._sqlite_db import Database
-from comfy_orchestrator.store.blobs import BlobStore
+from comfy_orchestrator.store.blobs import Blob, BlobStore
 from comfy_orchestrator.store.errors import JobNotFound, JobNotRunning, OutputNotFound
 from comfy_orchestrator.store.types import (
     AttemptRecord,
@@ -108,6 +109,7 @@ class SQLiteJobStore:
 
     async def close(self) -> None:
         await self._db.close()
+        await asyncio.to_thread(self.blobs.close)  # staged bytes nobody named go with it
 
     def watch_events(self, listener: Callable[[Sequence[EventRecord]], None] | None) -> None:
         self._db.on_events = listener
@@ -276,8 +278,15 @@ class SQLiteJobStore:
         self, job_id: str, result: Mapping[str, Any], outputs: Sequence[OutputRecord] = ()
     ) -> bool:
         named = [{"name": o.name, "sha256": o.sha256, "size": o.size, "content_type": o.content_type} for o in outputs]
-        return await self._finish(job_id, JobState.SUCCEEDED, AttemptState.SUCCEEDED,
-                                  {"result": dict(result), "outputs": named}, result=result, outputs=outputs)
+        try:
+            changed = await self._finish(job_id, JobState.SUCCEEDED, AttemptState.SUCCEEDED,
+                                         {"result": dict(result), "outputs": named}, result=result, outputs=outputs)
+        except Exception:
+            await self._drop_staged(outputs)  # the transaction is over: what it did not settle is nobody's
+            raise
+        if not changed:
+            await self._drop_staged(outputs)
+        return changed
 
     async def fail_job(self, job_id: str, error: Mapping[str, Any]) -> bool:
         return await self._finish(job_id, JobState.FAILED, AttemptState.FAILED, {"error": dict(error)}, error=error)
@@ -296,7 +305,7 @@ class SQLiteJobStore:
     ) -> bool:
         changed = await self._db.write(functools.partial(
             ops.finish, job_id=job_id, state=state, attempt_state=attempt_state, event_data=event_data, tenant=tenant,
-            result=result, error=error, now=self._now(), outputs=outputs))
+            result=result, error=error, now=self._now(), outputs=outputs, settle=self._settle))
         log.log(logging.INFO if changed else logging.DEBUG, "job %s %s%s", job_id, state.value,
                 "" if changed else ": had already ended, nothing changed")
         return changed
@@ -327,12 +336,16 @@ class SQLiteJobStore:
             staged = await self.stage_output(job_id, name, data, content_type)
         finally:
             found = await state
-        if not found:
-            raise JobNotFound(job_id)
-        if JobState(found[0]["state"]).final:
-            raise JobNotRunning(job_id, found[0]["state"])
-        await self._db.write(lambda db: ops.record_output(db, staged))
-        return staged
+        try:
+            if not found:
+                raise JobNotFound(job_id)
+            if JobState(found[0]["state"]).final:
+                raise JobNotRunning(job_id, found[0]["state"])
+            await self._db.write(lambda db: ops.record_output(db, staged, self._settle))
+        except Exception:
+            await self._drop_staged([staged])
+            raise
+        return dataclasses.replace(staged, staged=None)
 
     async def stage_output(
         self,
@@ -341,8 +354,26 @@ class SQLiteJobStore:
         data: bytes | AsyncIterable[bytes],
         content_type: str = "application/octet-stream",
     ) -> OutputRecord:
-        blob = await self.blobs.put(data)
-        return OutputRecord(job_id, name, blob.sha256, blob.size, content_type, blob.path, from_us(self._now()))
+        blob = await self.blobs.stage(data)
+        return OutputRecord(job_id, name, blob.sha256, blob.size, content_type, blob.path, from_us(self._now()),
+                            staged=blob.staged)
+
+    async def discard_output(self, output: OutputRecord) -> None:
+        await self.blobs.discard(_blob(output))
+
+    async def _drop_staged(self, outputs: Sequence[OutputRecord]) -> None:
+        """Discard what a finished write did not name (a cancelled caller's write may still run: its
+        files are left to ``close``, or to the next process's sweep)."""
+        for output in outputs:
+            try:
+                await self.discard_output(output)
+            except OSError as exc:
+                log.warning("job %s: could not discard staged output %s: %s", output.job_id, output.name, exc)
+
+    def _settle(self, outputs: Sequence[OutputRecord]) -> None:
+        """On the writer's thread, inside the transaction that names ``outputs``: their bytes to
+        their addresses (a transaction rolled back after this leaves them there, unnamed)."""
+        self.blobs.settle([_blob(o) for o in outputs])
 
     async def upsert_step(
         self,
@@ -361,3 +392,7 @@ class SQLiteJobStore:
     async def list_steps(self, job_id: str) -> list[StepRecord]:
         found = await self._db.fetch("SELECT * FROM steps WHERE job_id = ? ORDER BY rowid", (job_id,))
         return [rows.step_from(r) for r in found]
+
+
+def _blob(output: OutputRecord) -> Blob:
+    return Blob(output.sha256, output.size, output.path, output.staged)

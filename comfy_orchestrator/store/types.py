@@ -176,7 +176,11 @@ class EventRecord:
 @dataclass(frozen=True, slots=True)
 class OutputRecord:
     """A file a job produced. The bytes live once per content at ``path``
-    (``<outputs_dir>/<sha256[:2]>/<sha256>``), however many jobs produced them."""
+    (``<outputs_dir>/<sha256[:2]>/<sha256>``), however many jobs produced them.
+
+    A record from ``JobStore.stage_output`` is not named yet: its bytes may still wait at ``staged``, a
+    file of the store's own, until ``complete_job`` names the output (and moves them to ``path`` in
+    the same transaction) or ``discard_output`` drops them. Records read back have ``staged`` None."""
 
     job_id: str
     name: str
@@ -185,6 +189,7 @@ class OutputRecord:
     content_type: str
     path: Path
     created: datetime
+    staged: Path | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

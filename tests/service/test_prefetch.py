@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from comfy_orchestrator import ComfyClient
 from comfy_orchestrator.pool import BackendConfig, EventKind, Pool, PoolEvent
@@ -14,19 +15,25 @@ from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.prefetch import OutputPrefetch
 from comfy_orchestrator.service.worker import Worker
-from comfy_orchestrator.store import Claim, JobState, SQLiteJobStore
-from comfy_orchestrator.testing import FakeComfyUI
+from comfy_orchestrator.store import Claim, JobState, OutputRecord, SQLiteJobStore
+from comfy_orchestrator.testing import FakeComfyUI, NodeFailure
 from tests.service.conftest import ops_graph
 
 
 def blobs(root: Path) -> list[Path]:
+    """What lies at a content address."""
     return sorted(root.glob("??/*"))
+
+
+def staged_files(root: Path) -> list[Path]:
+    """Bytes staged for a name they do not have yet (the store's temporary files)."""
+    return sorted(root.glob(".tmp/*/blob-*"))
 
 
 async def test_a_jobs_outputs_are_stored_before_its_backend_confirms_the_prompt(tmp_path: Path) -> None:
     """The double writes /history half a second after ``execution_success`` (the race every real
-    ComfyUI has, widened): the output's bytes are in the store well before that, and the job ends
-    with them once the history entry confirms them."""
+    ComfyUI has, widened): the output's bytes are on disk, staged, well before that, and the job ends
+    with them at their address once the history entry confirms them."""
     out = tmp_path / "out"
     async with SQLiteJobStore(tmp_path / "jobs.db", out) as store, FakeComfyUI(name="fake-0") as fake:
         fake.faults.history_delay = 0.5
@@ -39,10 +46,11 @@ async def test_a_jobs_outputs_are_stored_before_its_backend_confirms_the_prompt(
                 processing = asyncio.create_task(worker.process(job))
                 async with asyncio.timeout(5):
                     for _ in itertools.count():
-                        if blobs(out):
+                        if staged_files(out):
                             break
                         await asyncio.sleep(0.01)
                 assert fake.history == {}  # not confirmed yet
+                assert blobs(out) == []  # nor named
                 await processing
         finally:
             await clients.close()
@@ -58,6 +66,7 @@ async def test_a_jobs_outputs_are_stored_before_its_backend_confirms_the_prompt(
         assert output.name.endswith("/" + saved["filename"])
         assert output.path.read_bytes() == (fake.output_dir / saved["filename"]).read_bytes()
         assert blobs(out) == [output.path]
+        assert staged_files(out) == []
 
 
 class CountingClient:
@@ -103,8 +112,11 @@ async def test_collect_uses_what_was_staged_for_the_same_attempt_and_fetches_the
         on_server = (fake.output_dir / output.files[0].filename).read_bytes()
         for record in (early, fetched, again):
             assert (record.name, record.size) == (f"{node_id}/{output.files[0].filename}", len(on_server))
-            assert record.path.read_bytes() == on_server
+            assert record.staged is not None
+            assert record.staged.read_bytes() == on_server
         assert await store.list_outputs("acme", job.id) == []  # staged, named by nobody yet
+        # what the other attempt staged early and nobody collected was discarded by its close
+        assert staged_files(tmp_path / "out") == sorted(r.staged for r in (early, fetched, again) if r.staged)
 
 
 class GaugedClient:
@@ -185,3 +197,70 @@ async def test_an_attempt_the_pool_retries_has_its_staging_stopped(tmp_path: Pat
         await prefetch.close()
         assert second.cancelled.is_set()
         assert list((tmp_path / "out" / ".tmp").glob("*")) == []
+
+
+async def test_what_a_failed_prompt_staged_before_it_failed_leaves_nothing_on_disk(tmp_path: Path) -> None:
+    """The first SaveImage runs and its file is staged while the next node runs (0.3 s a node); a
+    node after that raises, the job fails, and the staged bytes are dropped: no address holds them, no
+    temporary file is left."""
+    out = tmp_path / "out"
+    async with SQLiteJobStore(tmp_path / "jobs.db", out) as store, \
+            FakeComfyUI(name="fake-0", node_delay=0.3) as fake:
+        fake.faults.execution_error = NodeFailure("ValueError", "broken", node_class="ImageInvert", times=None)
+        graph = {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 99}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "first"}},
+            "3": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                           "scale_by": 1.0}},  # 0.3 s: the file is staged meanwhile
+            "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},  # then this raises
+            "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "second"}},
+        }
+        job, _ = await store.create_job("acme", "graph", graph, claim=Claim("w", 60))
+        staged: list[OutputRecord] = []
+        stage_output = store.stage_output
+
+        async def counted(*args: Any, **kwargs: Any) -> OutputRecord:
+            staged.append(await stage_output(*args, **kwargs))
+            return staged[-1]
+
+        store.stage_output = counted  # type: ignore[method-assign]
+        clients = BackendClients([BackendConfig("gpu-0", fake.url)])
+        try:
+            async with Pool([BackendConfig("gpu-0", fake.url)]) as pool:
+                await Worker(store, pool, clients, {}, Notifier(), worker_id="w", lease_s=60).process(job)
+        finally:
+            await clients.close()
+        failed = await store.get_job("acme", job.id)
+        assert failed is not None
+        assert failed.state is JobState.FAILED
+        assert [r.name.split("/")[0] for r in staged] == ["2"]  # the first output was staged early
+        assert blobs(out) == []
+        assert staged_files(out) == []
+
+
+async def test_a_disk_that_refuses_to_move_the_outputs_fails_the_job_and_keeps_nothing(tmp_path: Path) -> None:
+    """The move to the content address happens in the transaction that names the outputs: when the
+    disk refuses it, the job fails (as a failed download fails it) and the staged bytes go."""
+    out = tmp_path / "out"
+    async with SQLiteJobStore(tmp_path / "jobs.db", out) as store, FakeComfyUI(name="fake-0") as fake:
+        job, _ = await store.create_job("acme", "graph", ops_graph(color=0x445566, width=8, height=8, scale_by=1.0,
+                                                                   blur_radius=1), claim=Claim("w", 60))
+
+        def full_disk(blobs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        store.blobs.settle = full_disk  # type: ignore[method-assign]
+        clients = BackendClients([BackendConfig("gpu-0", fake.url)])
+        try:
+            async with Pool([BackendConfig("gpu-0", fake.url)]) as pool:
+                await Worker(store, pool, clients, {}, Notifier(), worker_id="w", lease_s=60).process(job)
+        finally:
+            await clients.close()
+        failed = await store.get_job("acme", job.id)
+        assert failed is not None
+        assert failed.state is JobState.FAILED
+        assert failed.error is not None
+        assert "No space left on device" in failed.error["message"]
+        assert await store.list_outputs("acme", job.id) == []
+        assert blobs(out) == []
+        assert staged_files(out) == []

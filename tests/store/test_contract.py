@@ -406,17 +406,30 @@ async def test_staged_outputs_are_recorded_only_by_completing(store: JobStore) -
     job, _ = await store.create_job("acme", "graph", graph(), claim=Claim("w", 30))
     staged = [await store.stage_output(job.id, "9/a.png", b"image", "image/png"),
               await store.stage_output(job.id, "9/b.png", b"other", "image/png")]
-    assert staged[0].path.read_bytes() == b"image"
+    assert staged[0].staged is not None
+    assert staged[0].staged.read_bytes() == b"image"  # durable, unnamed
+    assert not staged[0].path.exists()  # and at no address yet
     assert await store.list_outputs("acme", job.id) == []  # nothing named yet
     assert await store.complete_job(job.id, {}, staged)
     assert await store.list_outputs("acme", job.id) == staged
+    assert staged[0].path.read_bytes() == b"image"
+    assert not staged[0].staged.exists()
     assert b"".join([c async for c in await store.open_output("acme", job.id, "9/b.png")]) == b"other"
-    # a job that ended otherwise names none of what was staged for it
+    # a job that ended otherwise names none of what was staged for it, and its bytes go
     other, _ = await store.create_job("acme", "graph", graph(1), claim=Claim("w", 30))
     late = await store.stage_output(other.id, "9/a.png", b"late", "image/png")
     assert await store.cancel_job("acme", other.id)
     assert not await store.complete_job(other.id, {}, [late])
     assert await store.list_outputs("acme", other.id) == []
+    assert late.staged is not None
+    assert not late.staged.exists()
+    assert not late.path.exists()
+    # bytes staged for an attempt given up on are dropped by discard_output
+    dropped = await store.stage_output(other.id, "9/c.png", b"dropped", "image/png")
+    await store.discard_output(dropped)
+    assert dropped.staged is not None
+    assert not dropped.staged.exists()
+    assert not dropped.path.exists()
 
 
 async def test_racing_completions_complete_once(store: JobStore) -> None:
