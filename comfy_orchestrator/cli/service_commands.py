@@ -320,3 +320,13 @@ def cancel(job_id: str, url: str | None, token: str | None) -> None:
     console = Console(stderr=True)
     job = _call(console, url, token, lambda client: client.cancel(job_id))
     click.echo(f"{job.id}  {job.state.value}")
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@_service_options
+def delete(job_id: str, url: str | None, token: str | None) -> None:
+    """Delete an ended job with its events and output files (a running one: cancel it first)."""
+    console = Console(stderr=True)
+    _call(console, url, token, lambda client: client.delete(job_id))
+    click.echo(f"{job_id}  deleted")

@@ -197,6 +197,12 @@ class ServiceClient:
         body = await self._json("POST", self._url("jobs", quote(job_id, safe=""), "cancel"))
         return JobInfo.from_json(body)
 
+    async def delete(self, job_id: str) -> None:
+        """Delete an ended job with its events and outputs. ``Conflict`` (409) while it is queued or
+        running (cancel it first), ``NotFound`` once it is gone."""
+        async with self._request("DELETE", self._url("jobs", quote(job_id, safe=""))):
+            pass
+
     async def backends(self) -> list[BackendInfo]:
         """The pool's backends: health, breaker, load, node classes and models."""
         body = await self._json("GET", self._url("backends"))

@@ -2,9 +2,9 @@
 
 One lifespan (a ``cleanup_ctx`` generator) owns everything with a start and an end:
 
-    start-up   open the store → start the pool → reconcile the jobs a previous process left
-               running (in a multi-process service: process 0 only) → start the workers → ready
-               (``/readyz`` 200)
+    start-up   open the store → start the pool → start retention (``[store] keep_days``; process 0)
+               → reconcile the jobs a previous process left running (in a multi-process service:
+               process 0 only) → start the workers → ready (``/readyz`` 200)
     shutdown   draining (``/readyz`` 503, workers stop claiming, event sockets closed) → wait up to
                ``drain_timeout`` for running jobs → cancel the rest on their backends and release
                them to the queue → close the pool, the clients and the store
@@ -20,6 +20,7 @@ import logging
 import uuid
 import weakref
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import WSCloseCode, web
@@ -61,6 +62,7 @@ from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.peers import PeerBus
 from comfy_orchestrator.service.pipeline_jobs import EvaluatorSource, PipelineJobs
 from comfy_orchestrator.service.processes import ProcessRole
+from comfy_orchestrator.service.retention import prune_forever
 from comfy_orchestrator.service.settings import ServiceSettings
 from comfy_orchestrator.service.state import Lifecycle, Phase
 from comfy_orchestrator.service.worker import Worker
@@ -176,6 +178,10 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
             slots = sum(status.max_in_flight for status in pool.backends())
             n_workers = min(role.share(n_workers), max(1, slots))
         stack.push_async_callback(app[PIPELINES].evaluators.close)
+        if settings.store.keep_days is not None and (role is None or role.index == 0):
+            pruning = asyncio.create_task(prune_forever(store, timedelta(days=settings.store.keep_days)),
+                                          name="retention")
+            stack.push_async_callback(_cancel, pruning)  # before the store closes
         workers = [
             Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-{n}",
                    lease_s=settings.server.lease_s, pipelines=app[PIPELINES], inputs=app[inputs.INPUTS],
@@ -200,6 +206,12 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
             if peers is not None:
                 peers.close()  # no sibling's cancel starts work on a pool about to close
             await lifecycle.settle_spawned()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _reconcile(app: web.Application, adopter: Worker) -> list[asyncio.Task[None]]:

@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, read, list and cancel a tenant's jobs."""
+"""``/v1/jobs``: submit, read, list, cancel and delete a tenant's jobs."""
 
 from __future__ import annotations
 
@@ -28,7 +28,15 @@ from comfy_orchestrator.service.keys import (
     TENANT,
 )
 from comfy_orchestrator.service.pipeline_jobs import check_pipeline
-from comfy_orchestrator.store import IdempotencyConflict, JobKind, JobRecord, JobState, QueueFull
+from comfy_orchestrator.store import (
+    IdempotencyConflict,
+    JobKind,
+    JobNotEnded,
+    JobNotFound,
+    JobRecord,
+    JobState,
+    QueueFull,
+)
 
 __all__ = ["job_json", "routes"]
 
@@ -197,3 +205,17 @@ async def cancel(request: web.Request) -> web.Response:
     log.info("tenant %s: job %s cancelled", tenant, job.id)
     cancelled = await _job_or_404(request)
     return web.json_response(job_json(cancelled))
+
+
+@routes.delete("/v1/jobs/{job_id}")
+async def delete(request: web.Request) -> web.Response:
+    """An ended job goes with its attempts, events and outputs (204); a queued or running one is
+    refused (409: cancel it first)."""
+    tenant, job_id = request[TENANT], request.match_info["job_id"]
+    try:
+        await request.app[STORE].delete_job(tenant, job_id)
+    except JobNotFound:
+        raise ApiError(404, "JobNotFound", f"no job {job_id!r}") from None
+    except JobNotEnded as exc:
+        raise ApiError(409, "JobNotEnded", str(exc)) from None
+    return web.Response(status=204)

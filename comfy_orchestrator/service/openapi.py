@@ -287,9 +287,17 @@ def _paths() -> dict[str, Any]:
                 _JSON: {"schema": _ref("UrlInput")},
             }},
             "responses": {"201": _json(_ref("Input"), "Stored."), **_errors(400, 401, 403, 413, 415)}}},
-        "/v1/jobs/{job_id}": {"get": {
-            "operationId": "getJob", "summary": "One job, with its output names.", "parameters": [_job_id()],
-            "responses": {"200": _json(_ref("Job"), "The job."), **_errors(401, 404)}}},
+        "/v1/jobs/{job_id}": {
+            "get": {
+                "operationId": "getJob", "summary": "One job, with its output names.", "parameters": [_job_id()],
+                "responses": {"200": _json(_ref("Job"), "The job."), **_errors(401, 404)}},
+            "delete": {
+                "operationId": "deleteJob",
+                "summary": "Delete an ended job with its attempts, events and outputs (an output file stays while "
+                           "another job names the same content). A queued or running job is refused: cancel it first.",
+                "parameters": [_job_id()],
+                "responses": {"204": {"description": "Deleted."}, **_errors(401, 404, 409)}},
+        },
         "/v1/jobs/{job_id}/cancel": {"post": {
             "operationId": "cancelJob", "summary": "Cancel a queued or running job.", "parameters": [_job_id()],
             "responses": {"200": _json(_ref("Job"), "The cancelled job."), **_errors(401, 404, 409)}}},

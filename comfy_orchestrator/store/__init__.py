@@ -19,6 +19,7 @@ from comfy_orchestrator.store.blobs import Blob, BlobStore, is_sha256
 from comfy_orchestrator.store.errors import (
     IdempotencyConflict,
     InvalidCursor,
+    JobNotEnded,
     JobNotFound,
     JobNotRunning,
     OutputNotFound,
@@ -70,6 +71,7 @@ __all__ = [
     "IdempotencyConflict",
     "InvalidCursor",
     "JobKind",
+    "JobNotEnded",
     "JobNotFound",
     "JobNotRunning",
     "JobRecord",

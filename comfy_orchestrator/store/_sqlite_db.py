@@ -152,7 +152,12 @@ _V3 = (
     "ALTER TABLE jobs ADD COLUMN planned_prompt_id TEXT",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+_V4 = (
+    # a job's events, for deleting them with the job (and replaying one job's events)
+    "CREATE INDEX events_by_job ON events (job_id)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from comfy_orchestrator.store._codec import datetime_us, decode_cursor, dumps, from_us, loads
 from comfy_orchestrator.store._sqlite_db import WriterConnection
-from comfy_orchestrator.store.errors import IdempotencyConflict, JobNotFound, JobNotRunning, QueueFull
+from comfy_orchestrator.store.errors import IdempotencyConflict, JobNotEnded, JobNotFound, JobNotRunning, QueueFull
 from comfy_orchestrator.store.types import (
     AttemptState,
     EventRecord,
@@ -331,3 +331,43 @@ def upsert_step(
         "ON CONFLICT (job_id, name) DO UPDATE SET state = excluded.state, updated_us = excluded.updated_us, "
         "outputs = excluded.outputs, data = excluded.data",
         (job_id, name, state.value, now, outputs_json, data_json))
+
+
+_JOB_TABLES = ("job_labels", "attempts", "steps", "events", "outputs")
+
+
+def delete_jobs(db: sqlite3.Connection, job_ids: Sequence[str], retire: Callable[[Sequence[str]], None]) -> int:
+    """Delete ``job_ids`` with their labels, attempts, steps, events and output names; the content
+    no other job names any more is ``retire``d (last, so that a statement failing before leaves the
+    files alone). How many jobs went."""
+    if not job_ids:
+        return 0
+    marks = ", ".join("?" * len(job_ids))
+    shas = [r[0] for r in db.execute(f"SELECT DISTINCT sha256 FROM outputs WHERE job_id IN ({marks})", job_ids)]
+    for table in _JOB_TABLES:
+        db.execute(f"DELETE FROM {table} WHERE job_id IN ({marks})", job_ids)
+    deleted = db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", job_ids).rowcount
+    unnamed = [sha for sha in shas if one(db, "SELECT 1 FROM outputs WHERE sha256 = ? LIMIT 1", (sha,)) is None]
+    if unnamed:
+        retire(unnamed)
+    return int(deleted)
+
+
+def delete_job(db: sqlite3.Connection, tenant: str, job_id: str, retire: Callable[[Sequence[str]], None]) -> None:
+    """Delete one of ``tenant``'s jobs that ended (``JobNotEnded`` otherwise)."""
+    row = job_row(db, job_id, tenant)
+    if not JobState(row["state"]).final:
+        raise JobNotEnded(job_id, row["state"])
+    delete_jobs(db, [job_id], retire)
+
+
+def prune(db: sqlite3.Connection, created_before_us: int, limit: int, retire: Callable[[Sequence[str]], None]) -> int:
+    """Delete up to ``limit`` ended jobs created before ``created_before_us`` (each state's oldest first)."""
+    ids: list[str] = []
+    for state in sorted(s.value for s in JobState if s.final):  # each a range of the (state, created_us) index
+        ids += [r[0] for r in db.execute(
+            "SELECT id FROM jobs WHERE state = ? AND created_us < ? ORDER BY created_us LIMIT ?",
+            (state, created_before_us, limit - len(ids)))]
+        if len(ids) >= limit:
+            break
+    return delete_jobs(db, ids, retire)

@@ -22,6 +22,7 @@ Guarantees an implementation must keep (``tests/store/test_contract.py`` checks 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from comfy_orchestrator.store.types import (
@@ -238,6 +239,17 @@ class JobStore(Protocol):
         reach their content address only in the transaction that names them. Pass a record no one
         will name to ``discard_output``; what a process held staged when it ended is removed by the
         next one."""
+        ...
+
+    async def delete_job(self, tenant: str, job_id: str) -> None:
+        """Delete one of ``tenant``'s jobs that ended, with its attempts, steps, events and outputs;
+        an output file goes too unless another job names the same content. ``JobNotFound`` (also
+        for another tenant's), ``JobNotEnded`` while it is queued or running."""
+        ...
+
+    async def prune(self, created_before: datetime, *, limit: int = 500) -> int:
+        """Delete up to ``limit`` ended jobs (any tenant's) created before ``created_before``, as
+        ``delete_job`` does; how many went (call again while that is ``limit``)."""
         ...
 
     async def discard_output(self, output: OutputRecord) -> None:

@@ -6,11 +6,13 @@ already there is never written). A reader never sees a partial file, and memory 
 whatever the size. Blocking file calls run in a worker thread. Any store implementation can keep
 its outputs here; the database only holds the addresses.
 
-``put`` does all of that at once. ``stage`` stops before the rename: the bytes are durable under
-their temporary name, and ``settle`` (inside the transaction that names them) or ``discard`` (nothing
-will) finishes. So bytes reach an address only while a transaction names them (one rolled back
-after that leaves them there, unnamed): content whose job ended otherwise never does, where, shared
-by every job that produced it, it could not safely be removed.
+``put`` does all of that at once; a job's outputs take two steps. ``stage`` stops before the
+rename: the bytes are durable under their temporary name, and ``settle`` (inside the transaction
+that names them) or ``discard`` (nothing will) finishes. So bytes reach an address only while a
+transaction names them (one rolled back after that leaves them there, unnamed): content whose job
+ended otherwise never does, where, shared by every job that produced it, it could not safely be
+removed. The transaction that deletes the last name of some content ``retire``s it (moves it
+aside; put back if that transaction rolls back).
 
 Temporary files. Each handle writes its own under ``<root>/.tmp/<owner>/``, and holds an exclusive
 ``flock`` on ``<root>/.tmp/<owner>.lock`` while it lives; the kernel drops that lock when the
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Blob", "BlobStore", "is_sha256", "sweep"]
+__all__ = ["Blob", "BlobStore", "Retired", "is_sha256", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,14 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def is_sha256(text: str) -> bool:
     """Whether ``text`` is a content address: 64 lowercase hex digits."""
     return _SHA256.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Retired:
+    """A blob ``retire``d from ``address``, lying at ``moved`` until dropped or restored."""
+
+    moved: Path
+    address: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +94,10 @@ class BlobStore:
         return await self._write(data, settle=True)
 
     async def stage(self, data: bytes | AsyncIterable[bytes]) -> Blob:
-        """Write ``data`` as ``put`` does, durably, but leave it under its temporary name (``staged``;
-        None when that content is stored already): ``settle`` moves it to its address, ``discard``
-        drops it."""
+        """Write ``data`` as ``put`` does, durably, but leave it under its temporary name (``staged``):
+        ``settle`` moves it to its address (or drops it, when that content is there by then),
+        ``discard`` drops it. Written even when its content is at its address now: that may be
+        ``retire``d before this is settled."""
         return await self._write(data, settle=False)
 
     def settle(self, blobs: Iterable[Blob]) -> None:
@@ -99,6 +110,42 @@ class BlobStore:
                 folders.add(blob.path.parent)
         for folder in folders:
             _fsync_folder(folder)
+
+    def retire(self, sha256s: Iterable[str]) -> list[Retired]:
+        """Move the blobs at these addresses (those that are there) into this handle's temporary
+        folder (blocking: call it from the thread of the transaction that stops naming them). Once
+        that transaction committed, ``drop`` them; if it rolled back, ``restore`` them. Moved, not
+        removed, so that a rollback loses nothing; what a process that died holds is swept."""
+        retired: list[Retired] = []
+        folder = self._owner_folder()
+        try:
+            for sha in sha256s:
+                target = self.path(sha)
+                moved = folder / f"retired-{sha}-{secrets.token_hex(4)}"
+                try:
+                    os.replace(target, moved)
+                except FileNotFoundError:
+                    continue
+                retired.append(Retired(moved, target))
+        except BaseException:
+            self.restore(retired)
+            raise
+        return retired
+
+    def restore(self, retired: Iterable[Retired]) -> None:
+        """Put ``retire``d blobs back at their addresses (blocking), each folder fsynced."""
+        folders: set[Path] = set()
+        for blob in retired:
+            os.replace(blob.moved, blob.address)
+            folders.add(blob.address.parent)
+        for folder in folders:
+            _fsync_folder(folder)
+
+    async def drop(self, retired: Iterable[Retired]) -> None:
+        """Remove ``retire``d blobs for good (their removal was committed)."""
+        paths = [blob.moved for blob in retired]
+        if paths:
+            await asyncio.to_thread(_unlink_all, paths)
 
     async def discard(self, blob: Blob) -> None:
         """Drop a staged blob nobody will name (it may be settled or gone already: then nothing)."""
@@ -159,13 +206,16 @@ class BlobStore:
                 await asyncio.to_thread(left.unlink, missing_ok=True)
             raise
 
-    def _new_tmp(self) -> tuple[int, Path]:
-        """A new, empty temporary file (opened for writing) in this handle's folder."""
+    def _owner_folder(self) -> Path:
+        """This handle's folder of temporary files (claimed on first use: blocking)."""
         with self._owner_lock:
             if self._owner is None:
                 self._owner = _Owner.claim(self.root / ".tmp")
-            folder = self._owner.folder
-        path = folder / f"blob-{secrets.token_hex(8)}"
+            return self._owner.folder
+
+    def _new_tmp(self) -> tuple[int, Path]:
+        """A new, empty temporary file (opened for writing) in this handle's folder."""
+        path = self._owner_folder() / f"blob-{secrets.token_hex(8)}"
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
 
     def _spill(self, tmp: _Tmp | None, chunks: list[bytes]) -> _Tmp:
@@ -198,7 +248,7 @@ class BlobStore:
                 tmp.discard()
                 raise
         else:
-            if os.path.isfile(target):  # already stored: nothing to write
+            if settle and os.path.isfile(target):  # already stored: nothing to write
                 return None
             fd, path = self._new_tmp()
             try:
@@ -359,6 +409,11 @@ def _open_and_read(path: Path, size: int) -> tuple[BinaryIO | None, bytes]:
         fh.close()
         return None, first
     return fh, first
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:

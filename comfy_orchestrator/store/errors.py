@@ -7,6 +7,7 @@
         ├── JobNotFound (KeyError)      no such job (or not this tenant's)
         ├── OutputNotFound (KeyError)   no such output of that job
         ├── JobNotRunning               the job ended (or went back to the queue): no new attempt
+        ├── JobNotEnded                 the job is still queued or running: it cannot be deleted
         ├── InvalidCursor (ValueError)  a page cursor this store did not hand out
         └── StoreClosed (RuntimeError)  the store was used after close()
 """
@@ -18,6 +19,7 @@ from comfy_orchestrator.errors import ComfyOrchestratorError
 __all__ = [
     "IdempotencyConflict",
     "InvalidCursor",
+    "JobNotEnded",
     "JobNotFound",
     "JobNotRunning",
     "OutputNotFound",
@@ -79,6 +81,15 @@ class JobNotRunning(StoreError):
 
     def __init__(self, job_id: str, state: str) -> None:
         super().__init__(f"job {job_id} is {state}")
+        self.job_id = job_id
+        self.state = state
+
+
+class JobNotEnded(StoreError):
+    """A job that is still queued or running was to be deleted. ``state`` is where the job is."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job {job_id} is {state}: cancel it first, or wait for it to end")
         self.job_id = job_id
         self.state = state
 

@@ -31,15 +31,16 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from comfy_orchestrator.store import _sqlite_ops as ops
 from comfy_orchestrator.store import _sqlite_rows as rows
-from comfy_orchestrator.store._codec import body_hash, dumps, encode_cursor, from_us, loads, to_us
+from comfy_orchestrator.store._codec import body_hash, datetime_us, dumps, encode_cursor, from_us, loads, to_us
 from comfy_orchestrator.store._sqlite_db import Database
-from comfy_orchestrator.store.blobs import Blob, BlobStore
+from comfy_orchestrator.store.blobs import Blob, BlobStore, Retired
 from comfy_orchestrator.store.errors import JobNotFound, JobNotRunning, OutputNotFound
 from comfy_orchestrator.store.types import (
     AttemptRecord,
@@ -58,6 +59,8 @@ from comfy_orchestrator.store.types import (
 __all__ = ["SQLiteJobStore"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
 _MAX_PAGE = 1000
@@ -186,6 +189,37 @@ class SQLiteJobStore:
 
     async def cancel_job(self, tenant: str, job_id: str) -> bool:
         return await self._finish(job_id, JobState.CANCELLED, AttemptState.CANCELLED, {}, tenant=tenant)
+
+    async def delete_job(self, tenant: str, job_id: str) -> None:
+        await self._deleting(functools.partial(ops.delete_job, tenant=tenant, job_id=job_id))
+        log.info("tenant %s: job %s deleted", tenant, job_id)
+
+    async def prune(self, created_before: datetime, *, limit: int = 500) -> int:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        return await self._deleting(functools.partial(ops.prune, created_before_us=datetime_us(created_before),
+                                                      limit=limit))
+
+    async def _deleting(self, op: Callable[..., T]) -> T:
+        """Run a deleting ``op(db, retire=…)``: the content it stops naming is moved aside in its
+        transaction, then removed once that committed, or put back if it rolled back. A cancelled
+        caller still waits for the outcome: the files must follow it either way."""
+        retired: list[Retired] = []
+
+        def retire(shas: Sequence[str]) -> None:
+            retired.extend(self.blobs.retire(shas))
+
+        writing = asyncio.ensure_future(self._db.write(lambda db: op(db, retire=retire)))
+        try:
+            await asyncio.wait((writing,))
+        finally:
+            if not writing.done():
+                await asyncio.wait((writing,))  # cancelled meanwhile: the transaction goes on regardless
+            if writing.cancelled() or writing.exception() is not None:
+                await asyncio.to_thread(self.blobs.restore, retired)
+            else:
+                await self.blobs.drop(retired)
+        return writing.result()
 
     async def events_since(
         self, tenant: str, seq: int, *, job_ids: Collection[str] | None = None, limit: int = 1000

@@ -123,6 +123,20 @@ async def test_cancel_a_running_job(tmp_path: Path) -> None:
         assert info.value.status == 409
 
 
+async def test_delete_an_ended_job(tmp_path: Path) -> None:
+    async with running_service(tmp_path, node_delay=1.0) as svc, client(svc) as remote:
+        job = await remote.submit(ops_graph())
+        await svc.wait_state(job.id, "running")
+        with pytest.raises(Conflict):
+            await remote.delete(job.id)  # running: cancel it first
+        await remote.cancel(job.id)
+        await remote.delete(job.id)
+        with pytest.raises(NotFound):
+            await remote.job(job.id)
+        with pytest.raises(NotFound):
+            await remote.delete(job.id)
+
+
 async def test_errors_are_typed(service: Service) -> None:
     async with ServiceClient(service.url, "not-a-token") as intruder:
         with pytest.raises(Unauthorized) as unauthorized:

@@ -88,6 +88,10 @@ async def test_watch_follows_a_running_job_and_cancel_stops_it(tmp_path: Path) -
         rc, _, err = await comfy_orch("cancel", job.id, url=svc.url)
         assert rc == 9
         assert "already ended" in one_line_error(err)
+        rc, stdout, err = await comfy_orch("delete", job.id, url=svc.url)
+        assert (rc, stdout.split()) == (0, [job.id, "deleted"]), err
+        rc, _, err = await comfy_orch("status", job.id, url=svc.url)
+        assert rc == 8  # gone
 
 
 async def test_errors_are_one_line_with_an_exit_code(service: Service) -> None:

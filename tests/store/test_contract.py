@@ -7,7 +7,7 @@ import hashlib
 import os
 import tracemalloc
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from comfy_orchestrator.store import (
     IdempotencyConflict,
     InvalidCursor,
     JobKind,
+    JobNotEnded,
     JobNotFound,
     JobNotRunning,
     JobRecord,
@@ -625,3 +626,80 @@ async def test_a_closed_store_refuses_calls(store: JobStore) -> None:
     await store.close()
     with pytest.raises(StoreClosed):
         await store.get_job("acme", "x")
+
+
+# -- deleting and pruning ---------------------------------------------------------------------------
+
+
+async def _read(store: JobStore, tenant: str, job_id: str, name: str) -> bytes:
+    return b"".join([c async for c in await store.open_output(tenant, job_id, name)])
+
+
+async def test_deleting_an_ended_job_takes_its_rows_and_the_content_no_other_job_names(store: JobStore) -> None:
+    keep, _ = await store.create_job("acme", "graph", graph(1), claim=Claim("w", 30))
+    gone, _ = await store.create_job("acme", "graph", graph(2), claim=Claim("w", 30))
+    assert await store.complete_job(keep.id, {}, [await store.stage_output(keep.id, "9/a.png", b"shared")])
+    await store.start_attempt(gone.id, "gpu-a", "p-1")
+    await store.upsert_step(gone.id, "generate", StepState.SUCCEEDED)
+    named = [await store.stage_output(gone.id, "9/a.png", b"shared"),
+             await store.stage_output(gone.id, "9/b.png", b"own")]
+    assert await store.complete_job(gone.id, {}, named)
+    own = named[1].path
+    assert own.read_bytes() == b"own"
+    with pytest.raises(JobNotFound):
+        await store.delete_job("other-tenant", gone.id)
+    await store.delete_job("acme", gone.id)
+    assert await store.get_job("acme", gone.id) is None
+    assert await store.list_outputs("acme", gone.id) == []
+    assert await store.list_attempts(gone.id) == []
+    assert await store.list_steps(gone.id) == []
+    assert [e for e in await store.events_since("acme", 0) if e.job_id == gone.id] == []
+    assert not own.exists()  # no other job named that content
+    assert await _read(store, "acme", keep.id, "9/a.png") == b"shared"  # another job names this one
+    with pytest.raises(JobNotFound):
+        await store.delete_job("acme", gone.id)
+    # an active job is refused, queued or running
+    queued, _ = await store.create_job("acme", "graph", graph(3))
+    running, _ = await store.create_job("acme", "graph", graph(4), claim=Claim("w", 30))
+    for active in (queued, running):
+        with pytest.raises(JobNotEnded):
+            await store.delete_job("acme", active.id)
+        assert await store.get_job("acme", active.id) is not None
+
+
+async def test_content_deleted_then_produced_again_is_stored_again(store: JobStore) -> None:
+    """A job staged bytes whose content another job named; that job is deleted before the first
+    completes: its completion puts its own copy at the address."""
+    first, _ = await store.create_job("acme", "graph", graph(1), claim=Claim("w", 30))
+    assert await store.complete_job(first.id, {}, [await store.stage_output(first.id, "9/a.png", b"again")])
+    second, _ = await store.create_job("acme", "graph", graph(2), claim=Claim("w", 30))
+    staged = await store.stage_output(second.id, "9/a.png", b"again")  # the content is at its address now
+    await store.delete_job("acme", first.id)
+    assert not staged.path.exists()
+    assert await store.complete_job(second.id, {}, [staged])
+    assert await _read(store, "acme", second.id, "9/a.png") == b"again"
+
+
+async def test_pruning_deletes_ended_jobs_created_before_the_cutoff(clocked_store: JobStore, clock: FakeClock) -> None:
+    store = clocked_store
+    old, files = [], []
+    for n in range(5):
+        job, _ = await store.create_job("acme" if n % 2 else "other", "graph", graph(n), claim=Claim("w", 30))
+        output = await store.stage_output(job.id, "9/a.png", b"%d" % n)
+        assert await store.complete_job(job.id, {}, [output])
+        old.append(job)
+        files.append(output.path)
+    old_running, _ = await store.create_job("acme", "graph", graph(10), claim=Claim("w", 3600))
+    clock.advance(3 * 86400)
+    recent, _ = await store.create_job("acme", "graph", graph(11), claim=Claim("w", 30))
+    assert await store.cancel_job("acme", recent.id)
+    cutoff = datetime.fromtimestamp(clock.now - 86400, UTC)
+    assert await store.prune(cutoff, limit=3) == 3
+    assert await store.prune(cutoff, limit=3) == 2
+    assert await store.prune(cutoff, limit=3) == 0
+    for job in old:
+        assert await store.get_job(job.tenant, job.id) is None
+    assert [o for job in old for o in await store.list_outputs(job.tenant, job.id)] == []
+    assert [f for f in files if f.exists()] == []
+    assert await store.get_job("acme", old_running.id) is not None  # still running: kept, however old
+    assert await store.get_job("acme", recent.id) is not None  # ended, but newer than the cutoff

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_orchestrator.store import JobState, SQLiteJobStore, StoreClosed, StoreError
+from comfy_orchestrator.store import Claim, JobState, SQLiteJobStore, StoreClosed, StoreError
 from comfy_orchestrator.store._sqlite_db import Database
 from tests.store.conftest import graph
 
@@ -31,7 +31,7 @@ async def test_opens_in_wal_mode_with_a_schema_version(tmp_path: Path) -> None:
         await store.create_job("acme", "graph", graph())
     assert _pragma(tmp_path / "db" / "jobs.db", "journal_mode") == "wal"
     with sqlite3.connect(tmp_path / "db" / "jobs.db") as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
 
 
 async def test_reopening_keeps_everything_and_migrates_nothing(tmp_path: Path) -> None:
@@ -50,6 +50,7 @@ async def test_a_version_1_file_is_migrated_keeping_its_jobs(tmp_path: Path) -> 
     with sqlite3.connect(tmp_path / "jobs.db") as conn:  # as the first release left it
         conn.execute("DROP INDEX attempts_running")
         conn.execute("ALTER TABLE jobs DROP COLUMN planned_prompt_id")
+        conn.execute("DROP INDEX events_by_job")
         conn.execute("UPDATE schema_version SET version = 1")
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
         assert await store.get_job("acme", job.id) == job
@@ -58,8 +59,9 @@ async def test_a_version_1_file_is_migrated_keeping_its_jobs(tmp_path: Path) -> 
         assert claimed is not None
         assert claimed.planned_prompt_id is not None
     with sqlite3.connect(tmp_path / "jobs.db") as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'attempts_running'").fetchall()
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'events_by_job'").fetchall()
 
 
 async def test_a_version_2_file_keeps_its_running_jobs_without_a_plan(tmp_path: Path) -> None:
@@ -70,6 +72,7 @@ async def test_a_version_2_file_keeps_its_running_jobs_without_a_plan(tmp_path: 
         await store.start_attempt(job.id, "gpu-a", "p-1")
     with sqlite3.connect(tmp_path / "jobs.db") as conn:  # as the release before plans left it
         conn.execute("ALTER TABLE jobs DROP COLUMN planned_prompt_id")
+        conn.execute("DROP INDEX events_by_job")
         conn.execute("UPDATE schema_version SET version = 2")
     async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
         [(running, attempt)] = await store.running_jobs()
@@ -291,3 +294,23 @@ async def test_writes_that_come_while_another_process_holds_the_lock_share_one_c
         assert [e.data["n"] for e in events] == list(range(6))
         assert [e.seq for e in events] == list(range(events[0].seq, events[0].seq + 6))
         assert store.commits == before + 1  # the five that came while it waited joined its commit
+
+
+async def test_a_deletion_that_rolls_back_puts_the_content_back(tmp_path: Path) -> None:
+    """The files a deleting transaction stops naming are moved aside in it; when it fails after
+    that, they are back at their addresses and the job reads them as before."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        job, _ = await store.create_job("acme", "graph", graph(), claim=Claim("w", 30))
+        output = await store.stage_output(job.id, "9/a.png", b"kept after all")
+        assert await store.complete_job(job.id, {}, [output])
+
+        def delete_then_fail(db: sqlite3.Connection, retire: Callable[[list[str]], None]) -> None:
+            db.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
+            retire([output.sha256])
+            assert not output.path.exists()  # moved aside inside the transaction
+            raise RuntimeError("the transaction fails after the files moved")
+
+        with pytest.raises(RuntimeError, match="after the files moved"):
+            await store._deleting(delete_then_fail)
+        assert b"".join([c async for c in await store.open_output("acme", job.id, "9/a.png")]) == b"kept after all"
+        assert sorted((tmp_path / "out").glob(".tmp/*/*")) == []  # nothing left aside
