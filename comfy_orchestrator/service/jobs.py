@@ -197,7 +197,11 @@ async def interrupt(app: web.Application, job_id: str, kind: JobKind) -> bool:
 async def cancel(request: web.Request) -> web.Response:
     app, tenant = request.app, request[TENANT]
     job = await _job_or_404(request)
-    if not await app[STORE].cancel_job(tenant, job.id):
+    try:
+        changed = await app[STORE].cancel_job(tenant, job.id)
+    except JobNotFound:  # deleted meanwhile
+        raise ApiError(404, "JobNotFound", f"no job {job.id!r}") from None
+    if not changed:
         raise ApiError(409, "JobEnded", f"job {job.id} already ended ({job.state.value})")
     app[NOTIFIER].notify()
     if not await interrupt(app, job.id, job.kind) and (peers := app.get(PEERS)) is not None:

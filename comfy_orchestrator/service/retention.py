@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from comfy_orchestrator.store import JobStore, StoreError
+from comfy_orchestrator.store import JobStore
 
 __all__ = ["prune_forever", "prune_once"]
 
@@ -42,6 +42,6 @@ async def prune_forever(store: JobStore, keep: timedelta, *, every_s: float = _E
     while True:
         try:
             await prune_once(store, keep, clock=clock)
-        except (StoreError, OSError) as exc:
-            log.warning("retention: this round failed, trying again in %.0f s: %s", every_s, exc)
+        except Exception:  # a locked or full disk, a bug: logged, and the next round tries again
+            log.exception("retention: this round failed, trying again in %.0f s", every_s)
         await asyncio.sleep(every_s)

@@ -195,8 +195,13 @@ def finish(
     settle: Callable[[Sequence[OutputRecord]], None] | None = None,
 ) -> bool:
     """Move a job to a final state once, naming its ``outputs`` (``settle``d first: their bytes
-    moved to their addresses); False (nothing changed) when it already was in one."""
-    row = job_row(db, job_id, tenant)
+    moved to their addresses); False (nothing changed) when it already was in one, or was deleted
+    (which only an ended job can be) — for a tenant's call, ``JobNotFound`` then."""
+    row = one(db, "SELECT tenant, state FROM jobs WHERE id = ?", (job_id,))
+    if row is None and tenant is None:
+        return False
+    if row is None or (tenant is not None and row["tenant"] != tenant):
+        raise JobNotFound(job_id)
     if JobState(row["state"]).final:
         return False
     if outputs and settle is not None:
@@ -282,9 +287,9 @@ def release(
     now: int,
 ) -> bool:
     """A running job back to ``queued``, its open attempt ended; False when it was not running
-    (or not held by ``worker_id``)."""
-    row = job_row(db, job_id)
-    if row["state"] != JobState.RUNNING or (worker_id is not None and row["lease_owner"] != worker_id):
+    (or not held by ``worker_id``, or deleted)."""
+    row = one(db, "SELECT tenant, state, lease_owner FROM jobs WHERE id = ?", (job_id,))
+    if row is None or row["state"] != JobState.RUNNING or (worker_id is not None and row["lease_owner"] != worker_id):
         return False
     end_attempts(db, job_id, attempt_state, error, now)
     db.execute("UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until_us = NULL, updated_us = ?, "

@@ -13,10 +13,13 @@ Guarantees an implementation must keep (``tests/store/test_contract.py`` checks 
 * ``claim_next`` hands each queued job to one worker; a lease that ran out makes the job claimable
   again (its open attempt is left for the new holder to reconcile).
 * A job reaches a final state once: ``complete_job`` / ``fail_job`` / ``cancel_job`` on a job that
-  already ended return False and change nothing.
+  already ended return False and change nothing (so do a worker's calls on a job deleted meanwhile).
 * The store's own lifecycle events are written in the transaction of the change they report, and
   ``seq`` grows in commit order: ``events_since(tenant, seq)`` returns exactly what came after.
-* Outputs are stored by content (``BlobStore``); the same bytes lie on disk once.
+* Outputs are stored by content (``BlobStore``); the same bytes lie at one address, which holds them
+  while some job names them: they reach it in the transaction that names them and leave it in the
+  one that deletes their last name (``delete_job``, ``prune``), and a rollback of either loses
+  nothing named. Deleting a job frees its idempotency key.
 """
 
 from __future__ import annotations
@@ -200,11 +203,11 @@ class JobStore(Protocol):
         """Mark the job succeeded with ``result`` and record ``outputs`` under their names in the
         same transaction (from ``stage_output``, or ``save_output`` again); its open attempt ends
         ``succeeded`` and the event names the outputs. False, changing nothing, when the job had
-        already ended (the staged outputs are then discarded)."""
+        already ended or was deleted (the staged outputs are then discarded)."""
         ...
 
     async def fail_job(self, job_id: str, error: Mapping[str, Any]) -> bool:
-        """Mark the job failed; False, changing nothing, when it had already ended."""
+        """Mark the job failed; False, changing nothing, when it had already ended (or is gone)."""
         ...
 
     async def running_jobs(self, *, lease_expired: bool = False) -> list[tuple[JobRecord, AttemptRecord | None]]:
@@ -224,7 +227,8 @@ class JobStore(Protocol):
         content_type: str = "application/octet-stream",
     ) -> OutputRecord:
         """Store a file the job produced (streamed, content-addressed) under ``name``, replacing an
-        output of that name. Raises ``JobNotRunning`` when the job already ended."""
+        output of that name. Raises ``JobNotRunning`` when the job already ended, ``JobNotFound``
+        when it was deleted."""
         ...
 
     async def stage_output(
@@ -237,8 +241,8 @@ class JobStore(Protocol):
         """Store a file's bytes (streamed, durably) for ``complete_job`` to name: nothing about the
         job is recorded until then, so a job that ends otherwise shows no such output, and the bytes
         reach their content address only in the transaction that names them. Pass a record no one
-        will name to ``discard_output``; what a process held staged when it ended is removed by the
-        next one."""
+        will name to ``discard_output``; what a process held staged when it died is removed by the
+        next process that writes a file there."""
         ...
 
     async def delete_job(self, tenant: str, job_id: str) -> None:

@@ -1,8 +1,8 @@
 """Content-addressed files on disk: ``<root>/<sha256[:2]>/<sha256>``, each content stored once.
 
 A file is streamed to a temporary name while its hash is computed, flushed to disk, then renamed to
-its address (or dropped, when that content is already there; content that fits in one chunk and is
-already there is never written). A reader never sees a partial file, and memory stays at one chunk
+its address (or dropped, when that content is already there; ``put`` does not even write content
+that fits in one chunk and is already there). A reader never sees a partial file, and memory stays at one chunk
 whatever the size. Blocking file calls run in a worker thread. Any store implementation can keep
 its outputs here; the database only holds the addresses.
 
@@ -61,8 +61,8 @@ class Retired:
 
 @dataclass(frozen=True, slots=True)
 class Blob:
-    """Stored content: its hash, size and its address. A ``stage``d blob may still lie at
-    ``staged`` (None: it is at ``path`` already), until ``settle`` or ``discard``."""
+    """Stored content: its hash, size and its address. A ``stage``d blob lies at ``staged`` until
+    ``settle`` or ``discard``; ``put`` returns it at ``path`` (``staged`` None)."""
 
     sha256: str
     size: int
@@ -88,9 +88,10 @@ class BlobStore:
     async def put(self, data: bytes | AsyncIterable[bytes]) -> Blob:
         """Store ``data`` (bytes, or chunks streamed in) and return its address.
 
-        Chunks are gathered up to ``chunk_size`` before they go to a worker thread, so a small output
+        Chunks are gathered up to ``chunk_size`` before they go to a worker thread, so a small file
         costs one trip (write, fsync, rename, fsync of the folder), and content already stored is
-        never written at all."""
+        never written at all. Not for content a job store names and deletes (its look for the
+        address is outside any transaction): that is ``stage`` and ``settle``."""
         return await self._write(data, settle=True)
 
     async def stage(self, data: bytes | AsyncIterable[bytes]) -> Blob:
@@ -115,7 +116,9 @@ class BlobStore:
         """Move the blobs at these addresses (those that are there) into this handle's temporary
         folder (blocking: call it from the thread of the transaction that stops naming them). Once
         that transaction committed, ``drop`` them; if it rolled back, ``restore`` them. Moved, not
-        removed, so that a rollback loses nothing; what a process that died holds is swept."""
+        removed, so that a rollback loses nothing; the sweep of a dead owner's folder puts what it
+        had retired back at its address (its transaction may not have committed: content-addressed,
+        that is always safe; at worst the bytes stay, named by nothing)."""
         retired: list[Retired] = []
         folder = self._owner_folder()
         try:
@@ -133,13 +136,9 @@ class BlobStore:
         return retired
 
     def restore(self, retired: Iterable[Retired]) -> None:
-        """Put ``retire``d blobs back at their addresses (blocking), each folder fsynced."""
-        folders: set[Path] = set()
-        for blob in retired:
-            os.replace(blob.moved, blob.address)
-            folders.add(blob.address.parent)
-        for folder in folders:
-            _fsync_folder(folder)
+        """Put ``retire``d blobs back at their addresses (blocking), each folder fsynced; one that
+        cannot be is logged, and the rest go back all the same."""
+        _put_back([(blob.moved, blob.address) for blob in retired])
 
     async def drop(self, retired: Iterable[Retired]) -> None:
         """Remove ``retire``d blobs for good (their removal was committed)."""
@@ -232,8 +231,8 @@ class BlobStore:
 
     def _finish(self, tmp: _Tmp | None, chunks: list[bytes], sha256: str, settle: bool) -> Path | None:
         """The last chunks written and flushed to disk; with ``settle`` renamed to the content's
-        address too. The temporary file left for the caller to settle, or None (settled, or that
-        content was already there).
+        address too. The temporary file left for the caller to settle, or None (with ``settle``:
+        moved, or that content was already there).
 
         Few system calls on purpose: each one lets the event loop's thread take the GIL back, and
         this thread then waits for it."""
@@ -357,6 +356,7 @@ def sweep(tmp: Path) -> int:
             if entry.suffix == ".lock":
                 swept += _sweep_owner(entry)
             elif entry.is_dir() and not entry.with_suffix(".lock").exists():
+                _reinstate(entry)
                 shutil.rmtree(entry)
                 swept += 1
             elif entry.name.startswith("blob-") and time.time() - entry.stat().st_mtime > _OLD_LAYOUT_S:
@@ -375,6 +375,7 @@ def _sweep_owner(lock: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 0  # alive
+        _reinstate(lock.with_suffix(""))
         shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
         if lock.with_suffix("").exists():
             return 0  # partly removed: the lock stays for the next sweep
@@ -409,6 +410,36 @@ def _open_and_read(path: Path, size: int) -> tuple[BinaryIO | None, bytes]:
         fh.close()
         return None, first
     return fh, first
+
+
+_RETIRED = re.compile(r"retired-([0-9a-f]{64})-[0-9a-f]+")
+
+
+def _reinstate(folder: Path) -> None:
+    """Put the blobs a dead owner had retired back where nothing is at their address (the root is
+    ``folder``'s grandparent: ``<root>/.tmp/<owner>``)."""
+    root = folder.parent.parent
+    moves = []
+    for path in folder.glob("retired-*"):
+        if (match := _RETIRED.fullmatch(path.name)) is not None:
+            sha = match.group(1)
+            address = root / sha[:2] / sha
+            if not address.exists():
+                moves.append((path, address))
+    _put_back(moves)
+
+
+def _put_back(moves: Iterable[tuple[Path, Path]]) -> None:
+    folders: set[Path] = set()
+    for moved, address in moves:
+        try:
+            address.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(moved, address)
+            folders.add(address.parent)
+        except OSError as exc:
+            log.error("%s could not go back to %s: %s", moved, address, exc)
+    for folder in folders:
+        _fsync_folder(folder)
 
 
 def _unlink_all(paths: Iterable[Path]) -> None:

@@ -93,6 +93,7 @@ class SQLiteJobStore:
         self.busy_timeout = busy_timeout
         self._clock = clock
         self._db = Database(self.path, synchronous=synchronous, busy_timeout=busy_timeout)
+        self._deletions: set[asyncio.Future[Any]] = set()  # deleting writes whose files are not settled yet
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -111,6 +112,8 @@ class SQLiteJobStore:
         log.info("job store %s open (WAL, synchronous=%s)", self.path, self.synchronous)
 
     async def close(self) -> None:
+        if self._deletions:  # their files follow their transactions before the handle goes
+            await asyncio.wait(self._deletions)
         await self._db.close()
         await asyncio.to_thread(self.blobs.close)  # staged bytes nobody named go with it
 
@@ -202,24 +205,27 @@ class SQLiteJobStore:
 
     async def _deleting(self, op: Callable[..., T]) -> T:
         """Run a deleting ``op(db, retire=…)``: the content it stops naming is moved aside in its
-        transaction, then removed once that committed, or put back if it rolled back. A cancelled
-        caller still waits for the outcome: the files must follow it either way."""
+        transaction, then removed once that committed, or put back if it rolled back. The files
+        follow the transaction's outcome in a task of their own, which a cancelled caller does not
+        stop (``close`` waits for it)."""
         retired: list[Retired] = []
 
         def retire(shas: Sequence[str]) -> None:
             retired.extend(self.blobs.retire(shas))
 
-        writing = asyncio.ensure_future(self._db.write(lambda db: op(db, retire=retire)))
-        try:
+        async def write_then_settle_files() -> T:
+            writing = asyncio.ensure_future(self._db.write(lambda db: op(db, retire=retire)))
             await asyncio.wait((writing,))
-        finally:
-            if not writing.done():
-                await asyncio.wait((writing,))  # cancelled meanwhile: the transaction goes on regardless
-            if writing.cancelled() or writing.exception() is not None:
+            if writing.exception() is not None:
                 await asyncio.to_thread(self.blobs.restore, retired)
             else:
                 await self.blobs.drop(retired)
-        return writing.result()
+            return writing.result()
+
+        task = asyncio.ensure_future(write_then_settle_files())
+        self._deletions.add(task)
+        task.add_done_callback(_forget_deletion(self._deletions))
+        return await asyncio.shield(task)
 
     async def events_since(
         self, tenant: str, seq: int, *, job_ids: Collection[str] | None = None, limit: int = 1000
@@ -430,3 +436,11 @@ class SQLiteJobStore:
 
 def _blob(output: OutputRecord) -> Blob:
     return Blob(output.sha256, output.size, output.path, output.staged)
+
+
+def _forget_deletion(deletions: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    def forget(task: asyncio.Future[Any]) -> None:
+        deletions.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may have been cancelled, and gets it no more
+    return forget

@@ -667,6 +667,23 @@ async def test_deleting_an_ended_job_takes_its_rows_and_the_content_no_other_job
         assert await store.get_job("acme", active.id) is not None
 
 
+async def test_a_worker_finishing_a_job_deleted_meanwhile_changes_nothing(store: JobStore) -> None:
+    """Cancelled, then deleted by its tenant while its worker was still collecting: the worker's
+    completion, failure or release finds nothing to change (False), as for a job that ended."""
+    job, _ = await store.create_job("acme", "graph", graph(), claim=Claim("w", 30))
+    staged = await store.stage_output(job.id, "9/a.png", b"collected too late")
+    assert await store.cancel_job("acme", job.id)
+    await store.delete_job("acme", job.id)
+    assert not await store.complete_job(job.id, {}, [staged])
+    assert not await store.fail_job(job.id, {"message": "late"})
+    assert not await store.release(job.id, worker_id="w")
+    assert staged.staged is not None
+    assert not staged.staged.exists()
+    assert not staged.path.exists()
+    with pytest.raises(JobNotFound):  # a tenant's call still tells a missing job
+        await store.cancel_job("acme", job.id)
+
+
 async def test_content_deleted_then_produced_again_is_stored_again(store: JobStore) -> None:
     """A job staged bytes whose content another job named; that job is deleted before the first
     completes: its completion puts its own copy at the address."""

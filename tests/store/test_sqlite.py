@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -314,3 +315,51 @@ async def test_a_deletion_that_rolls_back_puts_the_content_back(tmp_path: Path) 
             await store._deleting(delete_then_fail)
         assert b"".join([c async for c in await store.open_output("acme", job.id, "9/a.png")]) == b"kept after all"
         assert sorted((tmp_path / "out").glob(".tmp/*/*")) == []  # nothing left aside
+
+
+async def test_a_deletion_whose_caller_is_cancelled_twice_still_puts_the_content_back(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out")
+    await store.open()
+    job, _ = await store.create_job("acme", "graph", graph(), claim=Claim("w", 30))
+    output = await store.stage_output(job.id, "9/a.png", b"still named")
+    assert await store.complete_job(job.id, {}, [output])
+    retired = threading.Event()
+
+    def retire_then_fail(db: sqlite3.Connection, retire: Callable[[list[str]], None]) -> None:
+        retire([output.sha256])
+        retired.set()
+        time.sleep(0.3)  # the caller is cancelled meanwhile, twice
+        raise RuntimeError("rolled back")
+
+    deleting = asyncio.create_task(store._deleting(retire_then_fail))
+    assert await asyncio.to_thread(retired.wait, 5)
+    deleting.cancel()
+    await asyncio.sleep(0.05)
+    deleting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await deleting
+    await store.close()  # waits until the files followed the transaction
+    assert output.path.read_bytes() == b"still named"
+
+
+_DIES_WHILE_DELETING = """
+import os, sys
+from comfy_orchestrator.store import BlobStore
+BlobStore(sys.argv[1]).retire([sys.argv[2]])  # moved aside, and the process dies before any commit
+os._exit(0)
+"""
+
+
+async def test_content_a_dead_process_had_moved_aside_goes_back_to_its_address(tmp_path: Path) -> None:
+    """Its transaction may never have committed: the sweep of its folder puts the bytes back."""
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        job, _ = await store.create_job("acme", "graph", graph(), claim=Claim("w", 30))
+        output = await store.stage_output(job.id, "9/a.png", b"named still")
+        assert await store.complete_job(job.id, {}, [output])
+        died = await asyncio.create_subprocess_exec(sys.executable, "-c", _DIES_WHILE_DELETING,
+                                                    str(tmp_path / "out"), output.sha256)
+        assert await died.wait() == 0
+        assert not output.path.exists()
+    async with SQLiteJobStore(tmp_path / "jobs.db", tmp_path / "out") as store:
+        await store.stage_output(job.id, "9/b.png", b"x")  # this handle's first temporary file sweeps
+        assert b"".join([c async for c in await store.open_output("acme", job.id, "9/a.png")]) == b"named still"
