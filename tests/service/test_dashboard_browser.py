@@ -198,6 +198,10 @@ async def test_the_cancel_button_cancels_a_running_job(service: Service, page: P
         await expect(item.locator(".cancel")).to_be_hidden()
         assert (await service.job(job_id))["state"] == "cancelled"
         await expect(item.locator(".outputs img")).to_have_count(0)
+        await item.locator(".delete").click()  # an ended job can go
+        await expect(item).to_have_count(0, timeout=WAIT_MS)
+        async with service.session.get(f"{service.url}/v1/jobs/{job_id}", headers=auth()) as resp:
+            assert resp.status == 404
     finally:
         service.doubles[0].faults.hang = None
 

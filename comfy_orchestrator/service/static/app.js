@@ -157,14 +157,16 @@
     const detail = el("span", { class: "detail" });
     const cancel = el("button", { type: "button", class: "cancel", text: "Cancel" });
     cancel.addEventListener("click", () => cancelJob(id, cancel));
+    const remove = el("button", { type: "button", class: "delete", text: "Delete", hidden: true });
+    remove.addEventListener("click", () => deleteJob(id, remove));
     const root = el("li", { class: "job", "data-job-id": id },
       el("div", { class: "job-head" },
         el("code", { class: "job-id", text: id }), el("span", { class: "kind" }), state,
-        el("span", { class: "labels" }), el("span", { class: "created" }), cancel),
+        el("span", { class: "labels" }), el("span", { class: "created" }), cancel, remove),
       el("div", { class: "job-progress" }, bar, detail),
       el("div", { class: "error job-error" }),
       el("div", { class: "outputs" }));
-    return { root, state, bar, detail, cancel };
+    return { root, state, bar, detail, cancel, remove };
   }
 
   function entry(id) {
@@ -187,11 +189,12 @@
   function setState(item, state) {
     if (FINAL.has(item.job.state) && !FINAL.has(state)) return; // a final state is never left
     item.job.state = state;
-    const { root, state: badge, bar, cancel } = item.view;
+    const { root, state: badge, bar, cancel, remove } = item.view;
     root.setAttribute("data-state", state);
     badge.textContent = state;
     badge.className = `state pill ${state}`;
     cancel.hidden = !ACTIVE.has(state);
+    remove.hidden = !FINAL.has(state);
     if (state === "succeeded") bar.value = 1;
     if (state === "queued") bar.value = 0;
     if (state === "running" && bar.value === 0) bar.removeAttribute("value"); // indeterminate until progress
@@ -252,6 +255,24 @@
       const response = await api(`/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
       if (response.ok) applyJob(await response.json());
       else await refreshJob(id); // 409: it ended meanwhile
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // An ended job goes with its events and outputs (DELETE answers 204, or 404 when it is gone already).
+  async function deleteJob(id, button) {
+    button.disabled = true;
+    try {
+      const response = await api(`/v1/jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
+      if (response.ok || response.status === 404) {
+        const item = jobs.get(id);
+        jobs.delete(id);
+        if (item !== undefined) item.view.root.remove();
+        $("jobs-empty").hidden = jobs.size > 0;
+      } else {
+        await refreshJob(id); // 409: it is still running
+      }
     } finally {
       button.disabled = false;
     }
