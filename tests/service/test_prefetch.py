@@ -15,7 +15,7 @@ from comfy_orchestrator.service.backends import BackendClients
 from comfy_orchestrator.service.notifier import Notifier
 from comfy_orchestrator.service.prefetch import OutputPrefetch
 from comfy_orchestrator.service.worker import Worker
-from comfy_orchestrator.store import Claim, JobState, OutputRecord, SQLiteJobStore
+from comfy_orchestrator.store import Claim, JobRecord, JobState, OutputRecord, SQLiteJobStore
 from comfy_orchestrator.testing import FakeComfyUI, NodeFailure
 from tests.service.conftest import ops_graph
 
@@ -199,6 +199,19 @@ async def test_an_attempt_the_pool_retries_has_its_staging_stopped(tmp_path: Pat
         assert list((tmp_path / "out" / ".tmp").glob("*")) == []
 
 
+async def processed(store: SQLiteJobStore, fake: FakeComfyUI, job: JobRecord) -> JobRecord:
+    """``job`` run to its end by a worker over ``fake``; its record then."""
+    clients = BackendClients([BackendConfig("gpu-0", fake.url)])
+    try:
+        async with Pool([BackendConfig("gpu-0", fake.url)]) as pool:
+            await Worker(store, pool, clients, {}, Notifier(), worker_id="w", lease_s=60).process(job)
+    finally:
+        await clients.close()
+    ended = await store.get_job("acme", job.id)
+    assert ended is not None
+    return ended
+
+
 async def test_what_a_failed_prompt_staged_before_it_failed_leaves_nothing_on_disk(tmp_path: Path) -> None:
     """The first SaveImage runs and its file is staged while the next node runs (0.3 s a node); a
     node after that raises, the job fails, and the staged bytes are dropped: no address holds them, no
@@ -224,14 +237,7 @@ async def test_what_a_failed_prompt_staged_before_it_failed_leaves_nothing_on_di
             return staged[-1]
 
         store.stage_output = counted  # type: ignore[method-assign]
-        clients = BackendClients([BackendConfig("gpu-0", fake.url)])
-        try:
-            async with Pool([BackendConfig("gpu-0", fake.url)]) as pool:
-                await Worker(store, pool, clients, {}, Notifier(), worker_id="w", lease_s=60).process(job)
-        finally:
-            await clients.close()
-        failed = await store.get_job("acme", job.id)
-        assert failed is not None
+        failed = await processed(store, fake, job)
         assert failed.state is JobState.FAILED
         assert [r.name.split("/")[0] for r in staged] == ["2"]  # the first output was staged early
         assert blobs(out) == []
@@ -250,14 +256,7 @@ async def test_a_disk_that_refuses_to_move_the_outputs_fails_the_job_and_keeps_n
             raise OSError(28, "No space left on device")
 
         store.blobs.settle = full_disk  # type: ignore[method-assign]
-        clients = BackendClients([BackendConfig("gpu-0", fake.url)])
-        try:
-            async with Pool([BackendConfig("gpu-0", fake.url)]) as pool:
-                await Worker(store, pool, clients, {}, Notifier(), worker_id="w", lease_s=60).process(job)
-        finally:
-            await clients.close()
-        failed = await store.get_job("acme", job.id)
-        assert failed is not None
+        failed = await processed(store, fake, job)
         assert failed.state is JobState.FAILED
         assert failed.error is not None
         assert "No space left on device" in failed.error["message"]
