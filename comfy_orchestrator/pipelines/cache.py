@@ -4,6 +4,7 @@ The key is the sha256 of the graph's :func:`~comfy_orchestrator.graph.content_ha
 computes, ids and titles aside), the model files it loads, and the hashes of the images uploaded
 for it. An entry is a folder ``<dir>/<key[:2]>/<key>/`` holding the images and ``record.json``;
 entries are written to a temporary folder and renamed into place, so a reader never sees half of one.
+A hit marks its entry used (the record's mtime); ``prune`` removes those unused since a given time.
 """
 
 from __future__ import annotations
@@ -61,16 +62,39 @@ class DiskCache:
         return self.directory / key[:2] / key
 
     def get(self, key: str) -> CacheEntry | None:
-        """The entry for ``key``, or None (also when it is incomplete or unreadable)."""
+        """The entry for ``key``, or None (also when it is incomplete or unreadable); a hit marks the
+        entry used now, so ``prune`` keeps it."""
         folder = self.path_for(key)
         try:
             record = json.loads((folder / _RECORD).read_text(encoding="utf-8"))
+            os.utime(folder / _RECORD)
         except (OSError, ValueError):
             return None
         images = tuple(folder / name for name in record.get("images", []))
         if not images or not all(path.is_file() for path in images):
             return None
         return CacheEntry(key, record, images)
+
+    def prune(self, unused_since: float) -> int:
+        """Remove the entries not used (written or hit) since ``unused_since`` (Unix seconds), and
+        writers' temporary folders as old (a writer that died); how many entries went. A reader of an
+        entry removed meanwhile finds its images gone and takes it as a miss."""
+        if not self.directory.is_dir():
+            return 0
+        removed = 0
+        for shard in self.directory.iterdir():
+            if not (shard.is_dir() and len(shard.name) == 2):
+                continue
+            for folder in shard.iterdir():
+                try:
+                    used = (folder / _RECORD).stat().st_mtime if not folder.name.startswith(".") else \
+                        folder.stat().st_mtime
+                except OSError:
+                    continue
+                if used < unused_since:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += not folder.name.startswith(".")
+        return removed
 
     def put(self, key: str, record: Mapping[str, Any], images: Sequence[tuple[str, bytes]]) -> CacheEntry:
         """Store ``images`` (suffix-bearing name, bytes) and ``record`` under ``key``; a concurrent

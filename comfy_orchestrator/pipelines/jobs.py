@@ -220,8 +220,11 @@ def _from_cache(cache: DiskCache, target: Path, job: Job) -> list[Artifact] | No
         return None
     target.mkdir(parents=True, exist_ok=True)
     names = _names(job, [path.name for path in entry.images])
-    for name, source in zip(names, entry.images, strict=True):
-        write_atomically(target / name, source.read_bytes())
+    try:
+        for name, source in zip(names, entry.images, strict=True):
+            write_atomically(target / name, source.read_bytes())
+    except FileNotFoundError:  # the entry was pruned meanwhile: a miss (its record below is not written)
+        return None
     record = {**_record(job, entry.record.get("job_id"), entry.record.get("backend"), None), "images": names,
               "cached_from": str(cache.path_for(job.key))}
     _write_record(target, job, record)

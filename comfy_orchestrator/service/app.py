@@ -179,8 +179,8 @@ async def _lifespan(app: web.Application, *, store: SQLiteJobStore) -> AsyncIter
             n_workers = min(role.share(n_workers), max(1, slots))
         stack.push_async_callback(app[PIPELINES].evaluators.close)
         if settings.store.keep_days is not None and (role is None or role.index == 0):
-            pruning = asyncio.create_task(prune_forever(store, timedelta(days=settings.store.keep_days)),
-                                          name="retention")
+            keep = timedelta(days=settings.store.keep_days)
+            pruning = asyncio.create_task(prune_forever(store, keep, cache=app[PIPELINES].cache), name="retention")
             stack.push_async_callback(_cancel, pruning)  # before the store closes
         workers = [
             Worker(store, pool, clients, templates, app[NOTIFIER], worker_id=f"{instance}-{n}",

@@ -75,8 +75,8 @@ class StoreSettings(_Section):
     path: Path = Path("var/jobs.db")
     outputs_dir: Path = Path("var/outputs")  # on a local file system (its temporary files are flock-ed)
     # Retention: ended jobs created more than this many days ago are deleted, with their attempts,
-    # events and output files (a file stays while another job names the same content), at start-up
-    # and then every hour (by process 0). None keeps everything.
+    # events and output files (a file stays while another job names the same content), and pipeline
+    # cache entries unused as long, at start-up and then every hour (by process 0). None keeps all.
     keep_days: float | None = Field(default=None, gt=0)
 
 

@@ -4,6 +4,8 @@ the disk cache, statistics, and the promise that library code never starts its o
 from __future__ import annotations
 
 import ast
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,6 +111,24 @@ def test_disk_cache_entries_are_whole_or_absent(tmp_path: Path) -> None:
     assert len(cache) == 1
     with pytest.raises(ValueError, match="not a cache key"):
         cache.get("../../etc")
+
+
+def test_disk_cache_prunes_entries_unused_since_a_time(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path)
+    stale, hit, fresh = "aa" * 32, "bb" * 32, "cc" * 32
+    for key in (stale, hit, fresh):
+        cache.put(key, {}, [("x.png", key.encode())])
+    long_ago = time.time() - 10 * 86400
+    for key in (stale, hit):
+        os.utime(cache.path_for(key) / "record.json", (long_ago, long_ago))
+    dead_writer = tmp_path / "dd" / ".dddddddddddd-x"  # a writer's temporary folder, left by a crash
+    dead_writer.mkdir(parents=True)
+    os.utime(dead_writer, (long_ago, long_ago))
+    assert cache.get(hit) is not None  # a hit marks it used now
+    assert cache.prune(time.time() - 86400) == 1
+    assert sorted(cache.keys()) == [hit, fresh]
+    assert not dead_writer.exists()
+    assert cache.prune(time.time() - 86400) == 0
 
 
 def test_run_stats_count_outcomes_models_and_backends() -> None:

@@ -3,6 +3,7 @@ timeouts, fallbacks, gates, continue-on-error vs abort, events and statistics.""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 from comfy_orchestrator.graph import Graph, Template
 from comfy_orchestrator.pipelines import (
     Backoff,
+    CacheEntry,
     Condition,
     DiskCache,
     EventKind,
@@ -100,6 +102,27 @@ async def test_cache_hits_do_no_gpu_work(cluster: Cluster, templates: dict[str, 
         assert a.read_bytes() == b.read_bytes()
         assert b.cached
         assert b.path.parent == tmp_path / "two" / "big"
+
+
+async def test_an_entry_pruned_after_it_was_found_is_a_miss(
+    cluster: Cluster, templates: dict[str, Template], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention removed the entry between the lookup and the read: the graph runs again."""
+    pipeline = Pipeline([draw(models=[SD15], seeds=[1], cache=True)], templates=templates)
+    cache = DiskCache(tmp_path / "cache")
+    await pipeline.run(cluster.pool, out_dir=tmp_path / "one", cache=cache)
+    assert cluster.prompts_run() == 1
+    found = DiskCache.get
+
+    def found_then_pruned(self: DiskCache, key: str) -> CacheEntry | None:
+        entry = found(self, key)
+        shutil.rmtree(self.path_for(key), ignore_errors=True)
+        return entry
+
+    monkeypatch.setattr(DiskCache, "get", found_then_pruned)
+    again = await pipeline.run(cluster.pool, out_dir=tmp_path / "two", cache=cache)
+    assert (again.stats.cached, again.stats.completed) == (0, 1)
+    assert cluster.prompts_run() == 2
 
 
 def test_the_cache_key_is_the_canonical_graph_and_its_models(templates: dict[str, Template]) -> None:

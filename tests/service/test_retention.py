@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from pathlib import Path
 
+from comfy_orchestrator.pipelines import DiskCache
 from comfy_orchestrator.service.keys import STORE
 from comfy_orchestrator.store import Claim, SQLiteJobStore
 from tests.service.conftest import Service, auth, ops_graph, running_service
@@ -48,6 +50,7 @@ async def test_keep_days_deletes_ended_jobs_older_than_that_at_start_up(tmp_path
         output = await store.stage_output(old.id, "9/a.png", b"ten days old")
         assert await store.complete_job(old.id, {}, [output])
         unfinished, _ = await store.create_job("acme", "graph", ops_graph(color=2))  # queued: it runs, it stays
+    stale = await asyncio.to_thread(_stale_cache_entry, tmp_path / "pipeline-cache")
     store_section = {"path": str(tmp_path / "jobs.db"), "outputs_dir": str(tmp_path / "outputs"), "keep_days": 7}
     async with running_service(tmp_path, extra={"store": store_section}) as service:
         async with asyncio.timeout(10):
@@ -56,8 +59,18 @@ async def test_keep_days_deletes_ended_jobs_older_than_that_at_start_up(tmp_path
                     break
                 await asyncio.sleep(0.05)
         assert not output.path.exists()
+        assert not await asyncio.to_thread(stale.exists)  # a pipeline cache entry unused for ten days went too
         assert (await service.wait_state(unfinished.id, "succeeded"))["id"] == unfinished.id
         async with await service.submit({"graph": ops_graph(color=3)}) as resp:
             fresh = (await resp.json())["id"]
         await service.wait_state(fresh, "succeeded")
         assert await service.app[STORE].get_job("acme", fresh) is not None  # new: kept
+
+
+def _stale_cache_entry(directory: Path) -> Path:
+    cache = DiskCache(directory)
+    key = "ab" * 32
+    cache.put(key, {}, [("x.png", b"cached")])
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(cache.path_for(key) / "record.json", (ten_days_ago, ten_days_ago))
+    return cache.path_for(key)
