@@ -86,14 +86,14 @@ class DiskCache:
             if not (shard.is_dir() and len(shard.name) == 2):
                 continue
             for folder in shard.iterdir():
+                writing = folder.name.startswith(".")  # a writer's temporary folder
                 try:
-                    used = (folder / _RECORD).stat().st_mtime if not folder.name.startswith(".") else \
-                        folder.stat().st_mtime
+                    used = (folder if writing else folder / _RECORD).stat().st_mtime
                 except OSError:
                     continue
                 if used < unused_since:
                     shutil.rmtree(folder, ignore_errors=True)
-                    removed += not folder.name.startswith(".")
+                    removed += not writing
         return removed
 
     def put(self, key: str, record: Mapping[str, Any], images: Sequence[tuple[str, bytes]]) -> CacheEntry:

@@ -197,11 +197,12 @@ def finish(
     """Move a job to a final state once, naming its ``outputs`` (``settle``d first: their bytes
     moved to their addresses); False (nothing changed) when it already was in one, or was deleted
     (which only an ended job can be) — for a tenant's call, ``JobNotFound`` then."""
-    row = one(db, "SELECT tenant, state FROM jobs WHERE id = ?", (job_id,))
-    if row is None and tenant is None:
-        return False
-    if row is None or (tenant is not None and row["tenant"] != tenant):
-        raise JobNotFound(job_id)
+    try:
+        row = job_row(db, job_id, tenant)
+    except JobNotFound:
+        if tenant is None:  # a worker's call
+            return False
+        raise
     if JobState(row["state"]).final:
         return False
     if outputs and settle is not None:

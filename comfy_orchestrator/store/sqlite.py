@@ -42,6 +42,7 @@ from comfy_orchestrator.store._codec import body_hash, datetime_us, dumps, encod
 from comfy_orchestrator.store._sqlite_db import Database
 from comfy_orchestrator.store.blobs import Blob, BlobStore, Retired
 from comfy_orchestrator.store.errors import JobNotFound, JobNotRunning, OutputNotFound
+from comfy_orchestrator.store.reconcile import discard_outputs
 from comfy_orchestrator.store.types import (
     AttemptRecord,
     AttemptState,
@@ -322,10 +323,10 @@ class SQLiteJobStore:
             changed = await self._finish(job_id, JobState.SUCCEEDED, AttemptState.SUCCEEDED,
                                          {"result": dict(result), "outputs": named}, result=result, outputs=outputs)
         except Exception:
-            await self._drop_staged(outputs)  # the transaction is over: what it did not settle is nobody's
+            await discard_outputs(self, outputs)  # the transaction is over: what it did not settle is nobody's
             raise
         if not changed:
-            await self._drop_staged(outputs)
+            await discard_outputs(self, outputs)
         return changed
 
     async def fail_job(self, job_id: str, error: Mapping[str, Any]) -> bool:
@@ -383,7 +384,7 @@ class SQLiteJobStore:
                 raise JobNotRunning(job_id, found[0]["state"])
             await self._db.write(lambda db: ops.record_output(db, staged, self._settle))
         except Exception:
-            await self._drop_staged([staged])
+            await discard_outputs(self, [staged])
             raise
         return dataclasses.replace(staged, staged=None)
 
@@ -400,15 +401,6 @@ class SQLiteJobStore:
 
     async def discard_output(self, output: OutputRecord) -> None:
         await self.blobs.discard(_blob(output))
-
-    async def _drop_staged(self, outputs: Sequence[OutputRecord]) -> None:
-        """Discard what a finished write did not name (a cancelled caller's write may still run: its
-        files are left to ``close``, or to the next process's sweep)."""
-        for output in outputs:
-            try:
-                await self.discard_output(output)
-            except OSError as exc:
-                log.warning("job %s: could not discard staged output %s: %s", output.job_id, output.name, exc)
 
     def _settle(self, outputs: Sequence[OutputRecord]) -> None:
         """On the writer's thread, inside the transaction that names ``outputs``: their bytes to
